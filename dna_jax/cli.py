@@ -1,0 +1,87 @@
+"""`dna-jax` console command: a thin dispatcher to the library's entry points.
+
+  dna-jax info [--resolution 224] [--num-classes 1000]   search spaces and the model zoo
+  dna-jax train --config configs/X.py --workdir DIR      classifier training (teacher, retrain)
+
+Every command ends by printing one JSON object on its last output line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable, Sequence
+
+from dna_jax import costs, space
+from dna_jax.models import zoo
+
+
+def zoo_table(resolution: int = 224, num_classes: int = 1000) -> tuple[str, dict]:
+    """A text table of every zoo model and its costs, and the same figures as a dict."""
+    header = (f"{'model':<16} {'params':>11} {'macs':>14} {'dna_flops':>14}  "
+              f"{'stage widths':<34} stage depths")
+    lines, figures = [header, "-" * len(header)], {}
+    for name in zoo.names():
+        spec = zoo.get_network_spec(name)
+        total = costs.network_costs(spec, resolution, num_classes).total
+        figures[name] = total.as_dict()
+        widths = "/".join(map(str, spec.stage_channels))
+        depths = "/".join(map(str, spec.stage_depths))
+        lines.append(f"{name:<16} {total.params:>11,} {total.macs:>14,} {total.dna_flops:>14,}  "
+                     f"{widths:<34} {depths}")
+    return "\n".join(lines), figures
+
+
+def info(argv: Sequence[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="dna-jax info",
+                                     description="Search-space presets and the model zoo.")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    args = parser.parse_args(argv)
+    print("Search spaces:")
+    sizes = {}
+    for name in space.PRESETS:
+        sp = space.get_space(name)
+        sizes[name] = sp.size()
+        per_block = " x ".join(str(sp.block_size(b)) for b in range(len(sp.blocks)))
+        print(f"  {name:<14} {sp.size():>26,} architectures ({sp.size():.3g}) = {per_block}")
+        print(f"  {'':<14} {sp.description}")
+    print(f"\nModel zoo at {args.resolution} px, {args.num_classes} classes "
+          "(macs: conv+dense multiply-adds; dna_flops: the original DNA counter):")
+    table, figures = zoo_table(args.resolution, args.num_classes)
+    print(table)
+    return {"spaces": sizes, "zoo": figures}
+
+
+def _module_main(module: str) -> Callable[[Sequence[str]], dict | None]:
+    """Delegates to `module.main(argv)` (absl-style entry points living in the library)."""
+    def run(argv: Sequence[str]):
+        return importlib.import_module(module).main(list(argv))
+    return run
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], dict | None]] = {
+    "info": info,
+    "train": _module_main("dna_jax.retrain"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"dna-jax: unknown command {argv[0]!r}; known: {known}", file=sys.stderr)
+            return 2
+        print(__doc__)
+        return 0
+    result = COMMANDS[argv[0]](argv[1:])
+    if isinstance(result, dict):
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
