@@ -1,0 +1,272 @@
+"""Teacher checkpoints: save and load a zoo network's variables as a validated Orbax checkpoint.
+
+A teacher checkpoint is a directory:
+
+    teacher.json   what the weights are: zoo name, classes, padding/BatchNorm options, where the
+                   weights came from (e.g. converted timm weights), preprocessing, versions
+    variables/     Orbax (StandardCheckpointer) checkpoint of {'params', 'batch_stats'}
+
+`load_teacher` rebuilds the module from the zoo, checks the checkpoint against it (names, shapes,
+dtypes, layer options) and fails with one error naming the path and every problem. Nothing here
+needs torch: timm weights are converted once by `python -m dna_jax.porting.timm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from dna_jax.models import zoo
+from dna_jax.models.layers import LayerConfig
+
+FORMAT = "dna_jax.teacher/1"
+METADATA_FILE = "teacher.json"
+VARIABLES_DIR = "variables"
+COLLECTIONS = ("params", "batch_stats")
+# timm's defaults for ImageNet models (`IMAGENET_DEFAULT_MEAN` / `_STD`), as 0-1 RGB.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TeacherCheckpointError(ValueError):
+    """A teacher checkpoint that is unreadable or does not fit the requested network."""
+
+
+def layer_config_dict(config: LayerConfig) -> dict[str, Any]:
+    """The numeric options of a LayerConfig that weights depend on (JSON-friendly)."""
+    return {"padding": config.padding, "bn_eps": config.bn_eps, "act": config.act}
+
+
+def expected_variables(model: nn.Module) -> dict[str, Any]:
+    """Abstract `{params, batch_stats}` (jax.ShapeDtypeStruct leaves) of a zoo network."""
+    image = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image))
+    shapes = flax.core.unfreeze(shapes)
+    return {c: shapes.get(c, {}) for c in COLLECTIONS}
+
+
+def flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'params/stem/conv/kernel': (shape, dtype name)} for a nested dict of array-likes."""
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+    return {k: (tuple(int(d) for d in v.shape), np.dtype(v.dtype).name) for k, v in flat.items()}
+
+
+def compare_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple],
+                   found_label: str = "checkpoint") -> list[str]:
+    """Problems between two `flat_shapes` maps: missing, unexpected, wrong shape or dtype."""
+    problems = []
+    for key in sorted(expected.keys() - found.keys()):
+        problems.append(f"missing in {found_label}: {key} {expected[key][0]}")
+    for key in sorted(found.keys() - expected.keys()):
+        problems.append(f"unexpected in {found_label}: {key} {found[key][0]}")
+    for key in sorted(found.keys() & expected.keys()):
+        if found[key] != expected[key]:
+            problems.append(f"{key}: {found_label} has {found[key][0]} {found[key][1]}, "
+                            f"the network expects {expected[key][0]} {expected[key][1]}")
+    return problems
+
+
+def _versions() -> dict[str, str]:
+    import orbax.checkpoint  # pylint: disable=import-outside-toplevel
+    return {"jax": jax.__version__, "flax": flax.__version__,
+            "orbax-checkpoint": getattr(orbax.checkpoint, "__version__", "unknown")}
+
+
+def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str, Any],
+                 num_classes: int, source: Mapping[str, Any] | None = None,
+                 preprocessing: Mapping[str, Any] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Writes a teacher checkpoint after checking `variables` against the zoo network.
+
+    The directory is assembled under a temporary name beside `directory` and renamed into
+    place, so a killed run never leaves a half-written teacher behind. Single-process only
+    (conversion is an offline step).
+
+    Args:
+      directory: the checkpoint directory to create.
+      name: zoo name (e.g. 'tf_efficientnet_b7'); fixes the architecture and layer options.
+      variables: {'params': ..., 'batch_stats': ...} as numpy or jax arrays.
+      num_classes: classifier outputs (0: no classifier).
+      source: JSON-friendly description of where the weights came from.
+      preprocessing: input expectations (resolution, mean, std) for the pipeline.
+      overwrite: replace an existing directory instead of failing.
+
+    Returns:
+      The metadata written to teacher.json.
+
+    Raises:
+      FileExistsError: `directory` exists and `overwrite` is False.
+      TeacherCheckpointError: `variables` do not fit the network.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"teacher checkpoint {directory} already exists (pass overwrite)")
+    layer_config = zoo.default_layer_config(name)
+    model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
+    variables = {c: flax.core.unfreeze(variables.get(c, {})) for c in COLLECTIONS}
+    problems = compare_shapes(flat_shapes(variables), flat_shapes(expected_variables(model)),
+                              "variables")
+    if problems:
+        raise TeacherCheckpointError(f"variables do not fit {name} ({num_classes} classes):\n  "
+                                     + "\n  ".join(problems))
+    variables = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
+    param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    metadata = {
+        "format": FORMAT, "model": name, "num_classes": int(num_classes),
+        "layer_config": layer_config_dict(layer_config), "param_count": param_count,
+        "source": dict(source or {}),
+        "preprocessing": dict(preprocessing or {}),
+        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
+        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return metadata
+
+
+def read_teacher_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """teacher.json of a teacher checkpoint, with clear errors for a missing or bad one."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"teacher checkpoint {directory} does not exist (or is not a directory); convert "
+            "timm weights with `python -m dna_jax.porting.timm --model NAME --weights FILE "
+            f"--out {directory}`")
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise TeacherCheckpointError(f"teacher checkpoint {directory}: {METADATA_FILE} is "
+                                     "missing; this is not a dna_jax teacher checkpoint")
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TeacherCheckpointError(f"teacher checkpoint {directory}: cannot read {path}: "
+                                     f"{e}") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise TeacherCheckpointError(f"teacher checkpoint {directory}: {path} is not a "
+                                     f"{FORMAT} metadata file")
+    for key in ("model", "num_classes", "layer_config"):
+        if key not in metadata:
+            raise TeacherCheckpointError(f"teacher checkpoint {directory}: {path} lacks "
+                                         f"'{key}'")
+    return metadata
+
+
+def _check_metadata(metadata: Mapping[str, Any], name: str, num_classes: int,
+                    layer_config: LayerConfig) -> list[str]:
+    problems = []
+    try:
+        stored_spec = zoo.get_network_spec(str(metadata["model"]))
+    except ValueError:
+        return [f"it holds {metadata['model']!r}, which is not a known architecture"]
+    if stored_spec != zoo.get_network_spec(name):
+        problems.append(f"it holds {metadata['model']!r}, a different architecture from "
+                        f"{name!r}")
+    if metadata["num_classes"] != num_classes:
+        problems.append(f"it has {metadata['num_classes']} classes, {num_classes} requested")
+    wanted = layer_config_dict(layer_config)
+    stored = dict(metadata["layer_config"])
+    if stored != wanted:
+        problems.append(f"it was made for layer options {stored} ({metadata['model']}), "
+                        f"{name!r} runs with {wanted}")
+    return problems
+
+
+def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int | None = None,
+                 sharding: jax.sharding.Sharding | None = None,
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a teacher checkpoint written by `save_teacher` (e.g. converted timm weights).
+
+    Args:
+      name: zoo name of the teacher (e.g. 'tf_efficientnet_b0'); it must be the architecture
+        and layer options the checkpoint was made for.
+      checkpoint_dir: the checkpoint directory.
+      num_classes: classifier outputs expected (default: whatever the checkpoint holds).
+      sharding: sharding of every restored array (e.g. replicated over the mesh); default:
+        the first local device.
+
+    Returns:
+      (module, {'params': ..., 'batch_stats': ...}) ready for `module.apply(variables, x)`.
+
+    Raises:
+      FileNotFoundError: the directory does not exist.
+      TeacherCheckpointError: the checkpoint is incomplete, corrupt, or made for another
+        network; the message names the path and lists every problem.
+    """
+    directory = os.path.abspath(os.fspath(checkpoint_dir))
+    metadata = read_teacher_metadata(directory)
+    num_classes = metadata["num_classes"] if num_classes is None else num_classes
+    layer_config = zoo.default_layer_config(name)
+    problems = _check_metadata(metadata, name, num_classes, layer_config)
+    if problems:
+        raise TeacherCheckpointError(f"teacher checkpoint {directory} does not fit {name}:\n  "
+                                     + "\n  ".join(problems))
+    model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
+    expected = expected_variables(model)
+    variables_dir = os.path.join(directory, VARIABLES_DIR)
+    if not os.path.isdir(variables_dir):
+        raise TeacherCheckpointError(f"teacher checkpoint {directory}: {VARIABLES_DIR}/ is "
+                                     "missing")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            item = checkpointer.metadata(variables_dir).item_metadata
+        except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+            raise TeacherCheckpointError(f"teacher checkpoint {directory}: cannot read the "
+                                         f"Orbax metadata of {variables_dir}: {e}") from e
+        stored = getattr(item, "tree", None)
+        if not stored:
+            raise TeacherCheckpointError(
+                f"teacher checkpoint {directory}: the Orbax checkpoint {variables_dir} has no "
+                "readable array metadata (files missing or corrupt); convert or save it again")
+        problems = compare_shapes(flat_shapes(stored), flat_shapes(expected))
+        if problems:
+            raise TeacherCheckpointError(f"teacher checkpoint {directory} does not fit {name} "
+                                         f"({num_classes} classes):\n  " + "\n  ".join(problems))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                              expected)
+        try:
+            variables = checkpointer.restore(variables_dir, target)
+        except Exception as e:  # pylint: disable=broad-except
+            raise TeacherCheckpointError(f"teacher checkpoint {directory}: restoring "
+                                         f"{variables_dir} failed: {type(e).__name__}: {e}") from e
+    # On the host, one local shard per array (all of it when replicated): no compilation.
+    bad = [k for k, v in traverse_util.flatten_dict(variables, sep="/").items()
+           if not np.isfinite(np.asarray(v.addressable_shards[0].data)).all()]
+    if bad:
+        raise TeacherCheckpointError(f"teacher checkpoint {directory}: non-finite values in "
+                                     + ", ".join(bad))
+    return model, variables
+
+
+def teacher_preprocessing(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The input expectations stored with a teacher (resolution, mean, std, ...), if any."""
+    return dict(read_teacher_metadata(checkpoint_dir).get("preprocessing", {}))
+
+
+__all__ = ["TeacherCheckpointError", "save_teacher", "load_teacher", "read_teacher_metadata",
+           "teacher_preprocessing", "expected_variables", "IMAGENET_MEAN", "IMAGENET_STD"]
