@@ -1,0 +1,79 @@
+"""Metric writers, progress reports and the final JSON figures of a run.
+
+Only process 0 writes metrics and files (TensorBoard + log); other processes get a writer that
+drops everything, so every process can run the same code.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
+
+
+def create_writer(workdir: str | None, *, asynchronous: bool = True) -> metric_writers.MetricWriter:
+    """TensorBoard (under workdir) + log on process 0; a no-op writer on the others."""
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.create_default_writer(workdir, asynchronous=asynchronous)
+
+
+def report_progress(num_train_steps: int, writer: metric_writers.MetricWriter,
+                    every_secs: float = 60.0, every_steps: int | None = None
+                    ) -> periodic_actions.ReportProgress:
+    """clu's ReportProgress: logs steps/s, percent done and ETA; writes steps_per_sec."""
+    return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
+                                           every_secs=every_secs, every_steps=every_steps)
+
+
+def log_parameter_overview(params: Any, msg: str = "Parameters") -> int:
+    """Logs a table of parameter names, shapes and sizes (process 0); returns the count."""
+    count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    if jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+            include_stats=False, msg=f"{msg}: {count:,}")
+    return count
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def write_json(path: str, obj: dict[str, Any]) -> None:
+    """Writes JSON atomically (temporary file, then rename) on process 0."""
+    if jax.process_index() != 0:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def final_line(figures: dict[str, Any]) -> str:
+    """The run's last output line: one JSON object with its figures."""
+    return json.dumps(_jsonable(figures), sort_keys=True)
+
+
+class Stopwatch:
+    """Wall time since construction, in seconds."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
