@@ -128,12 +128,15 @@ def timm_name_table(spec: NetworkSpec, num_classes: int) -> list[TensorMapping]:
     return rows
 
 
-def block_layout_problems(spec: NetworkSpec, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+def block_layout_problems(spec: NetworkSpec, shapes: Mapping[str, tuple[int, ...]],
+                          label: str | None = None) -> list[str]:
     """Differences between timm's block layout (read off the tensor names/shapes) and `spec`.
 
     Checks the number of stages, blocks per stage, and per block its kind ('ir' has conv_pwl),
-    depthwise kernel and output channels; plus stem and head widths.
+    depthwise kernel and output channels; plus stem and head widths. `label` names the
+    network in messages (default: the spec's name).
     """
+    label = label or spec.name
     problems = []
     depths: dict[int, set[int]] = collections.defaultdict(set)
     for key in shapes:
@@ -142,26 +145,26 @@ def block_layout_problems(spec: NetworkSpec, shapes: Mapping[str, tuple[int, ...
             depths[int(match.group(1))].add(int(match.group(2)))
     timm_depths = [len(depths.get(s, ())) for s in range(max(depths, default=-1) + 1)]
     if tuple(timm_depths) != spec.stage_depths:
-        problems.append(f"blocks per stage: timm {timm_depths}, {spec.name} "
+        problems.append(f"blocks per stage: timm {timm_depths}, {label} "
                         f"{list(spec.stage_depths)}")
     for name, key, wanted in (("stem", "conv_stem.weight", spec.stem_channels),
                               ("head", "conv_head.weight", spec.head_channels)):
         if key in shapes and shapes[key][0] != wanted:
-            problems.append(f"{name} channels: timm {shapes[key][0]}, {spec.name} {wanted}")
+            problems.append(f"{name} channels: timm {shapes[key][0]}, {label} {wanted}")
     for stage, index, _, layer in spec.layers_with_inputs():
         timm = f"blocks.{stage}.{index}"
         if index not in depths.get(stage, ()):
             continue  # already reported through the depths
         kind = "ir" if f"{timm}.conv_pwl.weight" in shapes else "ds"
         if kind != layer.kind:
-            problems.append(f"{timm}: timm block is '{kind}', {spec.name} has '{layer.kind}'")
+            problems.append(f"{timm}: timm block is '{kind}', {label} has '{layer.kind}'")
             continue
         dw = shapes.get(f"{timm}.conv_dw.weight")
         if dw is not None and len(dw) == 4 and dw[-1] != layer.kernel:
-            problems.append(f"{timm}: timm kernel {dw[-1]}, {spec.name} k{layer.kernel}")
+            problems.append(f"{timm}: timm kernel {dw[-1]}, {label} k{layer.kernel}")
         out = shapes.get(f"{timm}.{'conv_pwl' if kind == 'ir' else 'conv_pw'}.weight")
         if out is not None and out[0] != layer.out_channels:
-            problems.append(f"{timm}: timm outputs {out[0]} channels, {spec.name} "
+            problems.append(f"{timm}: timm outputs {out[0]} channels, {label} "
                             f"c{layer.out_channels}")
     return problems
 
@@ -267,7 +270,7 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any],
     expected = teacher.flat_shapes(teacher.expected_variables(model))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
 
-    problems = [f"layout: {p}" for p in block_layout_problems(model.spec, shapes)]
+    problems = [f"layout: {p}" for p in block_layout_problems(model.spec, shapes, arch)]
     flat: dict[str, np.ndarray] = {}
     table = timm_name_table(model.spec, num_classes)
     for row in table:
@@ -294,8 +297,11 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any],
     for path in sorted(expected.keys() - {row.flax_path for row in table}):
         problems.append(f"no timm source for Flax leaf: {path}")
     if problems:
-        raise ConversionError(f"timm weights do not fit {arch} ({num_classes} classes); "
-                              f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        counts = collections.Counter(p.split(":")[0] for p in problems)
+        raise ConversionError(
+            f"timm weights do not fit {arch} ({num_classes} classes): {len(problems)} "
+            f"problem(s) ({', '.join(f'{n} {kind}' for kind, n in counts.items())}):\n  "
+            + "\n  ".join(problems))
     variables: dict[str, Any] = {c: {} for c in teacher.COLLECTIONS}
     for path, value in flat.items():
         node = variables
@@ -325,7 +331,7 @@ def timm_preprocessing(name: str) -> dict[str, Any]:
 
 
 def compare_with_timm(torch_model: Any, model: Any, variables: Mapping[str, Any],
-                      images: np.ndarray) -> dict[str, float]:
+                      images: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
     """Runs timm and Flax on the same images; max abs difference of every output.
 
     Stage outputs are taken with forward hooks on timm's `bn1` (stem) and `blocks[i]`.
@@ -336,7 +342,8 @@ def compare_with_timm(torch_model: Any, model: Any, variables: Mapping[str, Any]
       images: float32 NCHW (PyTorch's layout); Flax gets them as NHWC.
 
     Returns:
-      {'logits': err, 'stem': err, 'stage0': err, ...} in float32 with highest matmul precision.
+      ({'logits': err, 'stem': err, 'stage0': err, ...}, the same keys -> max |timm output|),
+      computed in float32 with the highest matmul precision.
     """
     import jax  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
@@ -363,12 +370,13 @@ def compare_with_timm(torch_model: Any, model: Any, variables: Mapping[str, Any]
                  if k == "stem" or k.startswith("stage")})
     if ours.keys() != taps.keys():
         raise ValueError(f"outputs differ: timm {sorted(taps)}, flax {sorted(ours)}")
-    errors = {}
+    errors, scales = {}, {}
     for key in ours:
         if ours[key].shape != taps[key].shape:
             raise ValueError(f"{key}: timm shape {taps[key].shape}, flax {ours[key].shape}")
         errors[key] = float(np.max(np.abs(ours[key] - taps[key])))
-    return errors
+        scales[key] = float(np.max(np.abs(taps[key])))
+    return errors, scales
 
 
 def verify_against_timm(name: str, state_dict: Mapping[str, np.ndarray],
@@ -377,7 +385,7 @@ def verify_against_timm(name: str, state_dict: Mapping[str, np.ndarray],
     """Loads the same weights into timm (random init, no download) and compares outputs.
 
     Returns:
-      {'max_abs_error': {output: err}, 'scaled_error': worst err / max(1, |timm output|),
+      {'max_abs_error': {output: err}, 'max_abs_timm': {output: max |timm output|},
        'image_size': ...}.
     """
     import timm  # pylint: disable=import-outside-toplevel
@@ -392,11 +400,8 @@ def verify_against_timm(name: str, state_dict: Mapping[str, np.ndarray],
     images = np.random.default_rng(seed).standard_normal(
         (batch, 3, image_size, image_size)).astype(np.float32)
     model = zoo.get_model(arch, num_classes=num_classes)
-    errors = compare_with_timm(torch_model, model, variables, images)
-    with torch.no_grad():
-        scale = float(torch_model(torch.from_numpy(images)).abs().max())
-    return {"max_abs_error": errors, "image_size": image_size,
-            "logits_scaled_error": errors["logits"] / max(1.0, scale)}
+    errors, scales = compare_with_timm(torch_model, model, variables, images)
+    return {"max_abs_error": errors, "max_abs_timm": scales, "image_size": image_size}
 
 
 def convert_checkpoint(name: str, weights: Any, out: str | os.PathLike,
