@@ -13,6 +13,7 @@ needs torch: timm weights are converted once by `python -m dna_jax.porting.timm`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -197,7 +198,7 @@ def _check_metadata(metadata: Mapping[str, Any], name: str, num_classes: int,
 
 
 def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int | None = None,
-                 sharding: jax.sharding.Sharding | None = None,
+                 sharding: jax.sharding.Sharding | None = None, dtype: Any = None,
                  ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a teacher checkpoint written by `save_teacher` (e.g. converted timm weights).
 
@@ -208,6 +209,7 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
       num_classes: classifier outputs expected (default: whatever the checkpoint holds).
       sharding: sharding of every restored array (e.g. replicated over the mesh); default:
         the first local device.
+      dtype: compute dtype of the returned module (e.g. jnp.bfloat16); variables stay float32.
 
     Returns:
       (module, {'params': ..., 'batch_stats': ...}) ready for `module.apply(variables, x)`.
@@ -225,6 +227,8 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
     if problems:
         raise TeacherCheckpointError(f"teacher checkpoint {directory} does not fit {name}:\n  "
                                      + "\n  ".join(problems))
+    if dtype is not None:
+        layer_config = dataclasses.replace(layer_config, dtype=dtype)
     model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
     expected = expected_variables(model)
     variables_dir = os.path.join(directory, VARIABLES_DIR)

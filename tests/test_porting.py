@@ -43,7 +43,7 @@ def timm_model():
     torch, timm = _import_torch_timm()
     cache = {}
 
-    def make(name: str, seed: int = 0):
+    def make(name: str, seed: int = 0, keep: bool = True):
         if name not in cache:
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False).eval()
@@ -60,6 +60,8 @@ def timm_model():
                         conv.bias.normal_(0.0, 0.1, generator=generator)  # SE biases
                 model.classifier.weight.normal_(0.0, 0.05, generator=generator)
                 model.classifier.bias.normal_(0.0, 0.1, generator=generator)
+            if not keep:
+                return model
             cache[name] = model
         return cache[name]
 
@@ -112,7 +114,7 @@ def test_large_variants_match_timm(name, timm_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", port.SUPPORTED_MODELS)
 def test_every_supported_model_converts(name, timm_model):
-    torch_model = timm_model(name)
+    torch_model = timm_model(name, keep=False)
     variables = port.convert_state_dict(name, torch_model.state_dict())
     assert len(jax.tree.leaves(variables)) == sum(
         not k.endswith("num_batches_tracked") for k in torch_model.state_dict())
@@ -253,6 +255,19 @@ def test_command_line_refuses_an_existing_output(timm_model, tmp_path):
                    "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.port
+def test_pickled_training_checkpoints_need_consent(timm_model, tmp_path):
+    import argparse  # pylint: disable=import-outside-toplevel
+    torch = pytest.importorskip("torch")
+    state = timm_model("efficientnet_b0").state_dict()
+    path = tmp_path / "train.pth.tar"
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict_ema": state}, path)
+    with pytest.raises(port.ConversionError, match="--allow-pickle"):
+        port.read_state_dict(path)
+    loaded, origin = port.read_state_dict(path, allow_pickle=True)
+    assert origin.endswith("['state_dict_ema']") and loaded.keys() == state.keys()
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         port.read_state_dict(tmp_path / "nowhere.safetensors")
@@ -279,6 +294,7 @@ def test_teacher_round_trip_is_exact(small_teacher):
     directory, variables = small_teacher
     model, restored = teacher.load_teacher("fmnist_teacher", directory)
     assert model.num_classes == 10
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
     jax.tree.map(np.testing.assert_array_equal, restored, variables)
     images = np.random.default_rng(1).standard_normal((2, 28, 28, 3)).astype(np.float32)
     forward = jax.jit(model.apply)  # one compilation serves both calls
@@ -286,6 +302,8 @@ def test_teacher_round_trip_is_exact(small_teacher):
     expected, _ = forward(jax.tree.map(jax.numpy.asarray, variables), images)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
     assert teacher.teacher_preprocessing(directory) == {"input_size": [3, 28, 28]}
+    half, _ = teacher.load_teacher("fmnist_teacher", directory, dtype=jax.numpy.bfloat16)
+    assert half.layer_config.dtype == jax.numpy.bfloat16
     assert sorted(os.listdir(directory.parent)) == ["fmnist"]  # no staging leftovers
 
 

@@ -193,6 +193,20 @@ def _unwrap(obj: Mapping[str, Any], key: str | None) -> tuple[Mapping[str, Any],
                           f"{WRAPPER_KEYS}; top-level keys: {sorted(obj)[:20]}")
 
 
+def _read_safetensors(path: str) -> Mapping[str, Any]:
+    """numpy first (no torch); torch for dtypes numpy lacks (bfloat16)."""
+    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+    try:
+        return st_numpy.load_file(path)
+    except Exception as numpy_error:  # pylint: disable=broad-except
+        try:
+            from safetensors import torch as st_torch  # pylint: disable=import-outside-toplevel
+            return st_torch.load_file(path)
+        except Exception:  # pylint: disable=broad-except
+            raise ConversionError(f"cannot read safetensors file {path}: "
+                                  f"{numpy_error}") from numpy_error
+
+
 def read_state_dict(source: Any, key: str | None = None, allow_pickle: bool = False,
                     ) -> tuple[dict[str, np.ndarray], str]:
     """Reads timm weights as {name: float32 numpy array}.
@@ -219,11 +233,7 @@ def read_state_dict(source: Any, key: str | None = None, allow_pickle: bool = Fa
             raise FileNotFoundError(f"timm weights file {path} does not exist")
         origin = os.path.abspath(path)
         if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-            try:
-                obj = load_file(path)
-            except Exception as e:  # pylint: disable=broad-except
-                raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+            obj = _read_safetensors(path)
         else:
             import torch  # pylint: disable=import-outside-toplevel
             try:
@@ -284,8 +294,11 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any],
                             f"{row.layout} tensor ({ndim}-d) for {row.flax_path}")
             continue
         value = np.ascontiguousarray(transform(value), dtype=np.float32)
-        wanted = expected.get(row.flax_path, (None,))[0]
-        if wanted is not None and value.shape != wanted:
+        if row.flax_path not in expected:
+            problems.append(f"no such Flax leaf: {row.flax_path} (for {row.timm_key})")
+            continue
+        wanted = expected[row.flax_path][0]
+        if value.shape != wanted:
             problems.append(f"shape: {row.timm_key} {shapes[row.timm_key]} -> {row.flax_path} "
                             f"{value.shape}, the network expects {wanted}")
             continue
