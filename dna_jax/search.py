@@ -34,12 +34,15 @@ They are on whole-network costs: the fixed parts, given as `fixed_cost`, are sub
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import tempfile
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from dna_jax import artifacts
 
 BudgetSpec = float | tuple[float | None, float | None]
 CostFn = Callable[[np.ndarray], np.ndarray]
@@ -142,7 +145,7 @@ def _check_finite(values: np.ndarray, what: str, source: str) -> None:
 
 
 def save_block_table(path: str | os.PathLike, table: BlockTable) -> None:
-    """Writes a table as `.npz` atomically (temporary file in the same folder, then rename).
+    """Writes a table as `.npz` atomically (`artifacts.write_npz`: temporary file, rename).
 
     Keys: `encodings`, `score`, `cost_<name>` per cost, `format_version`.
     """
@@ -151,7 +154,7 @@ def save_block_table(path: str | os.PathLike, table: BlockTable) -> None:
               "format_version": np.asarray(TABLE_FORMAT_VERSION)}
     for name, values in table.costs.items():
         arrays[_COST_PREFIX + name] = values
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    artifacts.write_npz(path, **arrays)
 
 
 def load_block_table(path: str | os.PathLike, required_costs: Sequence[str] = ()) -> BlockTable:
@@ -179,14 +182,17 @@ def load_block_table(path: str | os.PathLike, required_costs: Sequence[str] = ()
     return BlockTable(arrays["encodings"], arrays["score"], costs, source=path)
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    """Calls `write(file)` on a temporary file next to `path`, then renames it into place."""
+def _save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
+    """Renders a matplotlib figure to PNG in memory, then writes it atomically."""
+    path = os.fspath(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(buffer.getvalue())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -242,7 +248,7 @@ def _parse_budgets(budgets: Mapping[str, BudgetSpec]) -> dict[str, tuple[float, 
         if math.isnan(low) or math.isnan(high):
             raise ValueError(f"budget {name!r} is NaN")
         if low > high:
-            raise ValueError(f"budget {name!r}: low {low:g} > high {high:g}")
+            raise ValueError(f"budget {name!r}: low {_num(low)} > high {_num(high)}")
         parsed[name] = (low, high)
     return parsed
 
@@ -253,15 +259,21 @@ def _fixed_map(fixed_cost: float | Mapping[str, float], names: Sequence[str]) ->
         return {str(k): float(v) for k, v in fixed_cost.items()}
     value = float(fixed_cost)
     if value and len(names) != 1:
-        raise ValueError(f"fixed_cost is a plain number ({value:g}) but {len(names)} costs are "
+        raise ValueError(f"fixed_cost is a plain number ({_num(value)}) but {len(names)} costs are "
                          f"involved ({', '.join(names) or 'none'}); give a dict per cost")
     return {name: value for name in names}
 
 
+def _num(value: float) -> str:
+    """A cost for messages: integers exactly (costs are often counts), else 6 digits."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else f"{value:.6g}"
+
+
 def _describe_budget(name: str, low: float, high: float) -> str:
     if np.isfinite(low) and np.isfinite(high):
-        return f"{low:g} <= {name} <= {high:g}"
-    return f"{name} >= {low:g}" if np.isfinite(low) else f"{name} <= {high:g}"
+        return f"{_num(low)} <= {name} <= {_num(high)}"
+    return f"{name} >= {_num(low)}" if np.isfinite(low) else f"{name} <= {_num(high)}"
 
 
 @dataclasses.dataclass
@@ -325,12 +337,14 @@ def _check_reachable(problem: _Problem) -> None:
         dearest = sum(float(c[:, j].max()) for c in problem.costs)
         if cheapest > problem.high[j]:
             raise ValueError(
-                f"no architecture meets {name} <= {problem.high[j] + fixed:g}: the cheapest "
-                f"possible {name} is {cheapest + fixed:g} (blocks {cheapest:g} + fixed {fixed:g})")
+                f"no architecture meets {name} <= {_num(problem.high[j] + fixed)}: the cheapest "
+                f"possible {name} is {_num(cheapest + fixed)} (blocks {_num(cheapest)} + fixed "
+                f"{_num(fixed)})")
         if dearest < problem.low[j]:
             raise ValueError(
-                f"no architecture meets {name} >= {problem.low[j] + fixed:g}: the largest "
-                f"possible {name} is {dearest + fixed:g} (blocks {dearest:g} + fixed {fixed:g})")
+                f"no architecture meets {name} >= {_num(problem.low[j] + fixed)}: the largest "
+                f"possible {name} is {_num(dearest + fixed)} (blocks {_num(dearest)} + fixed "
+                f"{_num(fixed)})")
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -601,8 +615,8 @@ class ParetoFront:
         """Index of the best point with cost <= budget (exact for an upper budget)."""
         i = int(np.searchsorted(self.cost, budget, side="right")) - 1
         if i < 0:
-            raise ValueError(f"no architecture meets {self.cost_name} <= {budget:g}: the cheapest "
-                             f"possible {self.cost_name} is {self.cost[0]:g}")
+            raise ValueError(f"no architecture meets {self.cost_name} <= {_num(budget)}: the "
+                             f"cheapest possible {self.cost_name} is {_num(self.cost[0])}")
         return i
 
     def best_under(self, budget: float) -> SearchResult:
@@ -667,24 +681,35 @@ class _Bounds:
     fronts: list[list[tuple[int, float, np.ndarray, np.ndarray]]]  # per level: (j, sign, c, o)
 
     def lower_bound(self, level: int, partial_obj: np.ndarray, partial_cost: np.ndarray,
-                    problem: _Problem) -> np.ndarray:
-        """Exact lower bound of the best completion's objective (inf: no feasible one).
+                    problem: _Problem, limit: float = np.inf,
+                    cost_for_low: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact lower bounds of the best completions' objectives, for those within `limit`.
 
         Each budget alone bounds the suffix: the suffix front gives the best suffix objective
         with cost <= what the budget leaves (or >= for a lower bound); the max over budgets
-        and the unconstrained best is still a lower bound.
+        and the unconstrained best is still a lower bound (inf: no feasible completion).
+        Rows are dropped as soon as one bound passes `limit`, so later lookups run on fewer.
+        `cost_for_low`, if given, replaces `partial_cost` in the lower-budget lookups.
+
+        Returns:
+          (rows kept, their lower bounds).
         """
-        bound = np.full(partial_obj.shape, self.min_obj[level])
+        rows = np.arange(partial_obj.shape[0])
+        key = partial_obj + self.min_obj[level]
         tol = problem.tolerance
         for j, sign, front_cost, front_obj in self.fronts[level]:
+            good = key <= limit
+            rows, key = rows[good], key[good]
             if sign > 0:
-                left = problem.high[j] + tol[j] - partial_cost[:, j]
+                left = problem.high[j] + tol[j] - partial_cost[rows, j]
             else:
-                left = partial_cost[:, j] - problem.low[j] + tol[j]
+                low_cost = partial_cost if cost_for_low is None else cost_for_low
+                left = low_cost[rows, j] - problem.low[j] + tol[j]
             pos = np.searchsorted(front_cost, left, side="right") - 1
             value = np.where(pos >= 0, front_obj[np.maximum(pos, 0)], np.inf)
-            bound = np.maximum(bound, value)
-        return partial_obj + bound
+            key = np.maximum(key, partial_obj[rows] + value)
+        good = key <= limit
+        return rows[good], key[good]
 
     def feasible(self, level: int, partial_cost: np.ndarray, problem: _Problem) -> np.ndarray:
         """Mask of partial networks some completion of which can meet every budget."""
@@ -794,13 +819,9 @@ def _level_search(problem: _Problem, bounds: _Bounds, k: int, *, width: int | No
         rows = _block_candidates(problem, bounds, d, k, dominance)
         if not rows.size or not states.obj.size:
             return _States(np.zeros(0), np.zeros((0, m)), np.zeros((0, nb), np.int64))
-        rows = rows[np.argsort(problem.objs[d][rows], kind="stable")]
+        rows, first, counts = _candidate_windows(problem, bounds, states, rows, d,
+                                                 upper_bound + slack)
         block_obj, block_cost = problem.objs[d][rows], problem.costs[d][rows]
-        if np.isfinite(upper_bound):
-            limit = upper_bound + slack - bounds.min_obj[d + 1] - states.obj
-            counts = np.searchsorted(block_obj, limit, side="right")
-        else:
-            counts = np.full(states.obj.shape[0], rows.size)
         parts = []
         for lo, hi in _chunks(counts, _MAX_PAIRS):
             part_counts = counts[lo:hi]
@@ -808,13 +829,13 @@ def _level_search(problem: _Problem, bounds: _Bounds, k: int, *, width: int | No
             if not parent.size:
                 continue
             offsets = np.cumsum(part_counts) - part_counts
-            cand = np.arange(parent.size) - np.repeat(offsets, part_counts)
+            cand = np.arange(parent.size) - np.repeat(offsets - first[lo:hi], part_counts)
             obj = states.obj[parent] + block_obj[cand]
             cost = states.cost[parent] + block_cost[cand]
             sel = np.nonzero(bounds.feasible(d + 1, cost, problem))[0]
-            key = bounds.lower_bound(d + 1, obj[sel], cost[sel], problem)
-            good = key <= upper_bound + slack
-            sel, key = sel[good], key[good]
+            kept, key = bounds.lower_bound(d + 1, obj[sel], cost[sel], problem,
+                                           upper_bound + slack)
+            sel = sel[kept]
             if cost_fns is not None and sel.size:
                 good = _cost_fns_ok(cost_fns, states.choice[parent[sel]], rows[cand[sel]], d, nb)
                 sel, key = sel[good], key[good]
@@ -837,6 +858,42 @@ def _level_search(problem: _Problem, bounds: _Bounds, k: int, *, width: int | No
     final = _States(states.obj[ok], states.cost[ok], states.choice[ok])
     order = np.lexsort(tuple(final.choice.T[::-1]) + (final.obj,))
     return _States(final.obj[order], final.cost[order], final.choice[order])
+
+
+def _candidate_windows(problem: _Problem, bounds: _Bounds, states: _States, rows: np.ndarray,
+                       d: int, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orders block d's candidates and gives each state the window of them worth pairing.
+
+    Candidates are sorted by the first upper-bounded cost (else by objective). A candidate
+    past the state's remaining budget on that cost cannot be feasible (window end); one
+    before the first candidate whose running-minimum objective fits under `limit` cannot be
+    within the bound (window start). The objective limit per state subtracts a lower bound
+    of the rest taken with block d's cheapest cost (its most generous case).
+
+    Returns:
+      (ordered rows, window start per state, window length per state).
+    """
+    objs, costs = problem.objs[d][rows], problem.costs[d][rows]
+    n = states.obj.shape[0]
+    upper = [j for j in range(len(problem.names)) if np.isfinite(problem.high[j])]
+    rest = np.full(n, bounds.min_obj[d + 1])
+    if np.isfinite(limit):
+        rest = np.maximum(rest, bounds.lower_bound(
+            d + 1, np.zeros(n), states.cost + costs.min(axis=0), problem,
+            cost_for_low=states.cost + costs.max(axis=0))[1])
+    obj_limit = limit - states.obj - rest
+    if not upper:
+        order = np.argsort(objs, kind="stable")
+        count = np.searchsorted(objs[order], obj_limit, side="right")
+        return rows[order], np.zeros(n, np.int64), count
+    j = upper[0]
+    order = np.argsort(costs[:, j], kind="stable")
+    sorted_cost = costs[order, j]
+    room = problem.high[j] + problem.tolerance[j] - bounds.min_cost[d + 1, j] - states.cost[:, j]
+    end = np.searchsorted(sorted_cost, room, side="right")
+    running_min = np.minimum.accumulate(objs[order])
+    start = np.searchsorted(-running_min, -obj_limit, side="left")
+    return rows[order], start, np.maximum(end - start, 0)
 
 
 def _chunks(counts: np.ndarray, budget: int):
@@ -898,7 +955,7 @@ def _raise_unmet(problem: _Problem, detail: str = "") -> None:
         fixed = problem.fixed.get(name, 0.0)
         what.append(_describe_budget(name, problem.low[j] + fixed, problem.high[j] + fixed))
         least = sum(float(c[:, j].min()) for c in problem.costs) + fixed
-        cheapest.append(f"{name} {least:g}")
+        cheapest.append(f"{name} {_num(least)}")
     raise ValueError(f"no architecture meets {' and '.join(what) or 'the budgets'}{detail}; "
                      f"cheapest possible: {', '.join(cheapest) or 'n/a'}")
 
@@ -1044,7 +1101,7 @@ def _joint_detail(problem: _Problem) -> str:
     if not states.obj.size:
         return ""
     least = float(states.obj[0]) + problem.fixed.get(b, 0.0)
-    return f" (the least {b} of any network meeting the {a} budget is {least:g})"
+    return f" (the least {b} of any network meeting the {a} budget is {_num(least)})"
 
 
 def best_under_budget(tables: Sequence[BlockTable], budgets: Mapping[str, BudgetSpec],
@@ -1205,7 +1262,7 @@ def plot_pareto_front(front: ParetoFront, path: str | os.PathLike, *,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(os.fspath(path), lambda f: fig.savefig(f, format="png", dpi=120))
+    _save_figure(fig, path, dpi=120)
 
 
 def plot_score_histograms(tables: Sequence[BlockTable], path: str | os.PathLike, *,
@@ -1225,7 +1282,7 @@ def plot_score_histograms(tables: Sequence[BlockTable], path: str | os.PathLike,
         ax.set_title(names[b] if names else f"block {b} ({len(table)} candidates)", fontsize=9)
         ax.set_xlabel("score (lower is better)", fontsize=8)
     fig.tight_layout()
-    _atomic_write(os.fspath(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    _save_figure(fig, path, dpi=100)
 
 
 # ---- synthetic tables (tests, benchmarks) ------------------------------------------------------
@@ -1236,7 +1293,8 @@ def synthetic_block_tables(seed: int, num_blocks: int, num_layers: int, num_ops:
     """Random tables shaped like real ones, for tests and benchmarks.
 
     A candidate's costs are sums of per-layer per-op costs (so many candidates share costs);
-    'params' is random per layer and op, 'macs' is params times a per-block resolution factor
+    'params' is random per op for the first layer and per op for the later layers (which share
+    costs, as hidden -> hidden layers do in real spaces), 'macs' is params times a per-block resolution factor
     with a little noise (so the two costs are correlated but not proportional), and 'latency'
     is macs-like with its own noise. Scores fall loosely with cost, plus noise.
 
@@ -1248,19 +1306,23 @@ def synthetic_block_tables(seed: int, num_blocks: int, num_layers: int, num_ops:
     tables = []
     grids = np.meshgrid(*[np.arange(num_ops)] * num_layers, indexing="ij")
     encodings = np.stack([g.ravel() for g in grids], axis=1).astype(np.int32)
+    # Layer 0 (stride, input width) has its own op costs; later layers share theirs, as in
+    # real spaces where every layer after the first maps hidden -> hidden width.
+    shared = np.r_[0, np.ones(num_layers - 1, np.int64)]
     for b in range(num_blocks):
         if cost_levels:
-            params = rng.integers(0, cost_levels, (num_layers, num_ops)).astype(np.int64)
-            macs = params * (b % 3 + 1) + rng.integers(0, 2, (num_layers, num_ops))
-            latency = rng.integers(0, cost_levels, (num_layers, num_ops)).astype(np.float64)
+            params = rng.integers(0, cost_levels, (2, num_ops)).astype(np.int64)
+            macs = params * (b % 3 + 1) + rng.integers(0, 2, (2, num_ops))
+            latency = rng.integers(0, cost_levels, (2, num_ops)).astype(np.float64)
         else:
             base = rng.uniform(1.0, 4.0, num_ops) * 1000 * (b + 1)
-            params = np.round(base[None, :] * rng.uniform(0.8, 1.2, (num_layers, num_ops)))
+            params = np.round(base[None, :] * rng.uniform(0.8, 1.2, (2, num_ops)))
             params = params.astype(np.int64)
             resolution = 56 // (2 ** (b // 2))
             macs = np.round(params * resolution ** 2 * rng.uniform(0.9, 1.1, params.shape))
             macs = macs.astype(np.int64)
             latency = np.round(macs * rng.uniform(0.7, 1.3, params.shape) / 1e5, 3)
+        params, macs, latency = params[shared], macs[shared], latency[shared]
         layer_index = np.arange(num_layers)[None, :]
         costs = {"params": params[layer_index, encodings].sum(1),
                  "macs": macs[layer_index, encodings].sum(1),

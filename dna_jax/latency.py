@@ -1,0 +1,221 @@
+"""Latency lookup tables: measured time per (block, layer, op, resolution), as CSV or JSON.
+
+A network's table latency is the sum over its layers of the measured latency of each layer's
+op at that layer's input resolution, plus the fixed parts (stem, head), so it adds up like
+params and multiply-adds and the exact search applies (add it to the block tables with
+`add_latency_cost`). Real latency does not add up exactly (fusion, launch overheads); measure
+whole networks and give `beam_search` a callable when that matters.
+
+Keys:
+  block: index of the searched block (the order of the block tables).
+  layer: index of the searchable layer inside the block.
+  op: the op index used in encodings (e.g. 0..5 for the DNA ops, 6 for skip).
+  resolution: side length of the layer's INPUT feature map (a stride-2 layer halves it).
+Values: latency in milliseconds (`latency_ms`), >= 0.
+
+CSV format (`.csv`): optional metadata lines `# key: value` first, then the header
+`block,layer,op,resolution,latency_ms`, then one row per entry:
+
+    # format: dna_jax.latency/1
+    # device: cpu
+    block,layer,op,resolution,latency_ms
+    0,0,0,112,0.8125
+
+JSON format (`.json`): `{"format": "dna_jax.latency/1", "meta": {...}, "entries":
+[{"block": 0, "layer": 0, "op": 0, "resolution": 112, "latency_ms": 0.8125}, ...]}`.
+Metadata values are strings (device, batch size, dtype, op names, `fixed_ms` ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from dna_jax import artifacts
+from dna_jax.search import BlockTable
+
+LATENCY_FORMAT = "dna_jax.latency/1"
+COLUMNS = ("block", "layer", "op", "resolution", "latency_ms")
+Key = tuple[int, int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency (ms) per (block, layer, op, resolution) and free-form metadata."""
+
+    entries: Mapping[Key, float]
+    meta: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        checked = {}
+        for key, value in self.entries.items():
+            if len(key) != 4 or not all(isinstance(k, (int, np.integer)) for k in key):
+                raise ValueError(f"{self.source}: latency key {key!r} must be 4 integers "
+                                 f"(block, layer, op, resolution)")
+            value = float(value)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{self.source}: latency of {key} must be finite and >= 0, "
+                                 f"got {value}")
+            checked[tuple(int(k) for k in key)] = value
+        object.__setattr__(self, "entries", checked)
+        object.__setattr__(self, "meta", {str(k): str(v) for k, v in self.meta.items()})
+
+    def lookup(self, block: int, layer: int, op: int, resolution: int) -> float:
+        key = (int(block), int(layer), int(op), int(resolution))
+        if key not in self.entries:
+            raise ValueError(f"{self.source}: no latency for block {key[0]}, layer {key[1]}, "
+                             f"op {key[2]}, resolution {key[3]}")
+        return self.entries[key]
+
+    def candidate_latency(self, block: int, encodings: np.ndarray,
+                          resolutions: Sequence[int]) -> np.ndarray:
+        """Latency [N] of block candidates `encodings` int [N, L] (sum over layers).
+
+        Args:
+          resolutions: the input side length of each of the L layers.
+        """
+        encodings = np.asarray(encodings)
+        if encodings.ndim != 2 or encodings.shape[1] != len(resolutions):
+            raise ValueError(f"encodings of shape {encodings.shape} need one resolution per "
+                             f"layer, got {len(resolutions)}")
+        total = np.zeros(encodings.shape[0])
+        for layer, resolution in enumerate(resolutions):
+            ops = np.unique(encodings[:, layer])
+            lut = np.zeros(int(ops.max()) + 1)
+            for op in ops:
+                lut[op] = self.lookup(block, layer, int(op), resolution)
+            total += lut[encodings[:, layer]]
+        return total
+
+
+def add_latency_cost(table: BlockTable, latency: LatencyTable, block: int,
+                     resolutions: Sequence[int], name: str = "latency") -> BlockTable:
+    """The block table with a `name` cost column of table latency (ms)."""
+    return table.with_cost(name, latency.candidate_latency(block, table.encodings, resolutions))
+
+
+def save_latency_table(path: str | os.PathLike, table: LatencyTable) -> None:
+    """Writes `.csv` or `.json` (by suffix) atomically; floats round-trip exactly."""
+    path = os.fspath(path)
+    meta = {"format": LATENCY_FORMAT, **{k: v for k, v in table.meta.items() if k != "format"}}
+    rows = sorted(table.entries.items())
+    if path.endswith(".json"):
+        data = {"format": LATENCY_FORMAT, "meta": {k: v for k, v in meta.items()
+                                                   if k != "format"},
+                "entries": [dict(zip(COLUMNS, (*key, value))) for key, value in rows]}
+        text = json.dumps(data, indent=1)
+    elif path.endswith(".csv"):
+        out = io.StringIO()
+        for key, value in meta.items():
+            if "\n" in key + value or ":" in key:
+                raise ValueError(f"metadata {key!r}: keys cannot hold ':' or newlines, values "
+                                 f"cannot hold newlines")
+            out.write(f"# {key}: {value}\n")
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for key, value in rows:
+            writer.writerow([*key, repr(value)])
+        text = out.getvalue()
+    else:
+        raise ValueError(f"{path}: latency tables are .csv or .json")
+    artifacts.write_text(path, text)
+
+
+def load_latency_table(path: str | os.PathLike) -> LatencyTable:
+    """Reads a table written by `save_latency_table` (or by hand in the same format).
+
+    Raises:
+      ValueError: naming the file (and line) for a missing file, unknown suffix, bad header,
+        unparsable or negative values, or a duplicate key.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: latency table file does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        return _from_json(path, text)
+    if path.endswith(".csv"):
+        return _from_csv(path, text)
+    raise ValueError(f"{path}: latency tables are .csv or .json")
+
+
+def _from_json(path: str, text: str) -> LatencyTable:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict) or data.get("format") != LATENCY_FORMAT:
+        raise ValueError(f"{path}: expected an object with format {LATENCY_FORMAT!r}")
+    entries: dict[Key, float] = {}
+    for i, item in enumerate(data.get("entries", [])):
+        try:
+            key = tuple(_as_int(item[c]) for c in COLUMNS[:4])
+            value = float(item["latency_ms"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: entry {i} is malformed ({error!r}); it needs "
+                             f"{', '.join(COLUMNS)}") from error
+        _add_entry(entries, key, value, path, f"entry {i}")
+    return LatencyTable(entries, data.get("meta", {}), source=path)
+
+
+def _from_csv(path: str, text: str) -> LatencyTable:
+    meta: dict[str, str] = {}
+    lines = text.splitlines()
+    body_start = 0
+    for body_start, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        key, sep, value = line[1:].partition(":")
+        if not sep:
+            raise ValueError(f"{path}: line {body_start + 1}: metadata lines are '# key: value'")
+        meta[key.strip()] = value.strip()
+    if meta.get("format", LATENCY_FORMAT) != LATENCY_FORMAT:
+        raise ValueError(f"{path}: unknown format {meta['format']!r}")
+    meta.pop("format", None)
+    reader = csv.reader(lines[body_start:])
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != COLUMNS:
+        raise ValueError(f"{path}: line {body_start + 1}: header must be {','.join(COLUMNS)}, "
+                         f"got {header!r}")
+    entries: dict[Key, float] = {}
+    for number, row in enumerate(reader, start=body_start + 2):
+        if not row:
+            continue
+        if len(row) != len(COLUMNS):
+            raise ValueError(f"{path}: line {number}: expected {len(COLUMNS)} fields, got "
+                             f"{len(row)}")
+        try:
+            key = tuple(_as_int(v) for v in row[:4])
+            value = float(row[4])
+        except ValueError as error:
+            raise ValueError(f"{path}: line {number}: {error}") from error
+        _add_entry(entries, key, value, path, f"line {number}")
+    return LatencyTable(entries, meta, source=path)
+
+
+def _as_int(value) -> int:
+    """An integer from a JSON number or CSV text; floats, bools and '1.5' are errors."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip() if isinstance(value, str) else ""
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"{value!r} is not an integer")
+    return int(text)
+
+
+def _add_entry(entries: dict, key, value: float, path: str, where: str) -> None:
+    if key in entries:
+        raise ValueError(f"{path}: {where}: duplicate entry for (block, layer, op, resolution) "
+                         f"= {key}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{path}: {where}: latency must be finite and >= 0, got {value}")
+    entries[key] = value
