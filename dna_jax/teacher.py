@@ -111,6 +111,9 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
       FileExistsError: `directory` exists and `overwrite` is False.
       TeacherCheckpointError: `variables` do not fit the network.
     """
+    if jax.process_count() > 1:
+        raise NotImplementedError("save_teacher writes from one process; save a multi-host "
+                                  "teacher with jax.device_get'd variables in a single process")
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"teacher checkpoint {directory} already exists (pass overwrite)")
