@@ -374,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_data: data_lib.Dataset | None = None,
                        eval_data: data_lib.Dataset | None = None,
                        init_variables: dict[str, Any] | None = None,
-                       mesh: Mesh | None = None) -> dict[str, Any]:
+                       mesh: Mesh | None = None,
+                       return_variables: bool = False) -> Any:
     """Trains, checkpoints and evaluates; resumes from workdir/checkpoints if present.
 
     Args:
@@ -384,9 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_data, eval_data: datasets to use instead of building them from config.data.
         init_variables: {'params', 'batch_stats'} to start from instead of random weights.
         mesh: the device mesh (default: from config.mesh).
+        return_variables: also return the evaluated variables (EMA ones if kept).
 
     Returns:
-        The figures: test_accuracy (fraction), test_top5, test_loss, train_loss, steps,
+        (figures, {'params', 'batch_stats'}) if return_variables, else the figures: test_accuracy (fraction), test_top5, test_loss, train_loss, steps,
         wall_time_s, images_per_s, num_params, ... (also written to workdir/figures.json).
 
     Raises:
@@ -499,6 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        if isinstance(v, float) and math.isfinite(v)})
     writer.flush()
     metrics_lib.write_json(os.path.join(workdir, FIGURES_FILE), figures)
+    if return_variables:
+        return figures, state.eval_variables(use_ema)
     return figures
 
 
