@@ -1,6 +1,7 @@
 """`dna-jax` console command: a thin dispatcher to the library's entry points.
 
   dna-jax info [--resolution 224] [--num-classes 1000]   search spaces and the model zoo
+  dna-jax run --config configs/X.py --workdir DIR        the DNA pipeline (dna_jax.main)
   dna-jax train --config configs/X.py --workdir DIR      classifier training (teacher, retrain)
 
 Every command ends by printing one JSON object on its last output line.
@@ -55,16 +56,18 @@ def info(argv: Sequence[str]) -> dict:
     return {"spaces": sizes, "zoo": figures}
 
 
-def _module_main(module: str) -> Callable[[Sequence[str]], dict | None]:
-    """Delegates to `module.main(argv)` (absl-style entry points living in the library)."""
+def _absl_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
+    """Delegates to `module.run(argv)`: an absl app that defines its flags, parses `argv`
+    (without the program name) and prints its own JSON line."""
     def run(argv: Sequence[str]):
-        return importlib.import_module(module).main(list(argv))
+        return importlib.import_module(module).run(list(argv))
     return run
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], dict | None]] = {
     "info": info,
-    "train": _module_main("dna_jax.retrain"),
+    "run": _absl_entry("dna_jax.main"),
+    "train": _absl_entry("dna_jax.retrain"),
 }
 
 

@@ -536,8 +536,14 @@ def main(argv: list[str]) -> None:
     print(metrics_lib.final_line(figures), flush=True)
 
 
-def run() -> None:
-    """Defines the flags and runs main (python -m dna_jax.retrain)."""
+def run(argv: list[str] | None = None) -> None:
+    """Defines the flags and runs main (python -m dna_jax.retrain, dna-jax train).
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv).
+    """
+    import sys  # pylint: disable=import-outside-toplevel
+
     from absl import app, flags  # pylint: disable=import-outside-toplevel
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
@@ -545,7 +551,7 @@ def run() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and figures.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+r"""Runs the DNA pipeline from a config file: `python -m dna_jax.main --config C --workdir D`.
+
+    python -m dna_jax.main --config configs/fashion_mnist_dna.py --workdir workdir/fmnist
+    python -m dna_jax.main --config configs/fashion_mnist_dna.py --workdir W --config.stages=rate,search
+
+Any config field can be overridden on the command line (`--config.distill.num_epochs=2`). The
+run ends by printing one JSON object with its figures (also in <workdir>/summary.json when the
+report stage ran). The logic lives in dna_jax.pipeline; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dna_jax import metrics, pipeline, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (file.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every stage's artifacts.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    config = _CONFIG.value
+    sharding.initialize_distributed(config.distributed)
+    figures = pipeline.run_pipeline(config, _WORKDIR.value)
+    print(metrics.final_line(figures), flush=True)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point; `argv` excludes the program name (None = sys.argv)."""
+    args = sys.argv if argv is None else ["dna-jax run", *argv]
+    app.run(main, argv=args)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,656 @@
+"""The DNA pipeline: teacher -> distill -> rate -> search -> retrain -> report, from one config.
+
+Each stage reads its predecessors' artifacts and writes its own under `workdir/<stage>/`:
+
+  teacher/   the teacher checkpoint (dna_jax.teacher format: teacher.json + Orbax variables),
+             trained here for small data or referenced from converted weights
+  distill/   the supernet variables (Orbax) and the distillation checkpoints / TensorBoard
+  rate/      one `<block>.npz` table + `<block>.json` summary per block
+  search/    the Pareto front, the chosen architecture(s) and the exported child network
+  retrain/   the retrained winner (checkpoints, TensorBoard, figures.json)
+  report/    summary.json, report.md and the plots
+
+A stage ends by writing `manifest.json` (its config hash, figures, versions, time), last and
+atomically. On a re-run a stage whose manifest has the same hash is skipped; a stage that was
+started but not finished resumes (its own checkpoints or per-block files); a stage whose
+artifact was written by another config is reported with the keys that changed, and is only
+recomputed with `on_change='rerun'` (the old artifact is moved aside, never deleted).
+The hash of a stage covers its own config sections and the hashes of the stages it reads, so
+changing the distillation config invalidates rating, search, retraining and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from dna_jax import artifacts
+from dna_jax import costs as costs_lib
+from dna_jax import data as data_lib
+from dna_jax import distill as distill_lib
+from dna_jax import metrics as metrics_lib
+from dna_jax import rate as rate_lib
+from dna_jax import retrain as retrain_lib
+from dna_jax import search as search_lib
+from dna_jax import sharding as sharding_lib
+from dna_jax import teacher as teacher_lib
+from dna_jax.space import Arch, SearchSpace, get_space
+
+STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
+ON_CHANGE = ("error", "rerun")
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+STARTED_FILE = "started.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: a missing upstream artifact, an impossible request, ..."""
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """Every field the pipeline reads; experiment configs override them and lock the result.
+
+    Sections:
+      stages: comma-separated subset of STAGES to run, in pipeline order.
+      on_change: 'error' (default) stops when an artifact was written by another config and
+        names the keys that changed; 'rerun' moves the old artifact aside and recomputes.
+      seed, distributed, mesh: as in the trainer (dna_jax.retrain).
+      data: the distillation / rating data (dna_jax.data); `train_split` trains the
+        supernet, `distill.val_split` validates it, `rate.split` rates it.
+      teacher: `checkpoint` = a teacher checkpoint directory (converted timm weights, see
+        dna_jax.porting.timm) with zoo name `name`; empty = train one with `teacher.train`
+        (a full trainer config, dna_jax.retrain.get_default_config).
+      distill: dna_jax.distill.get_default_config (includes the search space name).
+      rate: dna_jax.rate.get_default_config plus `split`, `num_batches` (R rating batches),
+        `batch_size`.
+      search: the budget: `budget` (absolute, in `cost` units) or, if 0, `budget_fraction` x
+        the teacher's cost; optional `params_budget`; `combine`, `standardize`, `top_k`,
+        `method` ('exact' or 'beam' with `beam_width`).
+      retrain: a full trainer config for the winner (its model section is replaced by the
+        searched child network); `inherit_weights` starts it from the supernet's weights.
+    """
+    config = ml_collections.ConfigDict()
+    config.stages = ",".join(STAGES)
+    config.on_change = "error"
+    config.seed = 0
+    config.distributed = "auto"
+    config.mesh = dict(shape=(-1,), axis_names=("data",), axis_types="auto")
+    config.data = data_lib.get_default_config()
+    config.teacher = dict(name="fmnist_teacher", checkpoint="", num_classes=0,
+                          train=retrain_lib.get_default_config())
+    config.distill = distill_lib.get_default_config()
+    config.rate = rate_lib.get_default_config()
+    config.rate.split = "test"
+    config.rate.num_batches = 1
+    config.rate.batch_size = 64
+    config.search = dict(cost="macs", budget=0.0, budget_fraction=0.5, params_budget=0.0,
+                         combine="sum", standardize=False, top_k=5, method="exact",
+                         beam_width=1024)
+    config.retrain = retrain_lib.get_default_config()
+    config.retrain.inherit_weights = False
+    return config
+
+
+def parse_stages(text: str | Sequence[str]) -> list[str]:
+    """'rate,search' -> ['rate', 'search'] in pipeline order; unknown names are an error."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
+    names = [s for s in names if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise ValueError(f"config.stages: unknown stage(s) {unknown or names!r}; choose from "
+                         f"{', '.join(STAGES)} (comma-separated)")
+    return [s for s in STAGES if s in names]
+
+
+# What each stage reads: its config sections and the stages upstream of it.
+_SECTIONS = {
+    "teacher": ("teacher", "seed"),
+    "distill": ("data", "distill", "seed"),
+    "rate": ("data", "rate", "distill.space"),
+    "search": ("search",),
+    "retrain": ("retrain",),
+    "report": (),
+}
+_UPSTREAM = {
+    "teacher": (),
+    "distill": ("teacher",),
+    "rate": ("teacher", "distill"),
+    "search": ("teacher", "rate"),
+    "retrain": ("search",),
+    "report": ("teacher", "distill", "rate", "search", "retrain"),
+}
+
+
+def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
+    """The config values a stage's result depends on (what its hash covers)."""
+    return {name: artifacts.to_jsonable(_section(config, name)) for name in _SECTIONS[stage]}
+
+
+def stage_digests(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Config hash of every stage: its own sections plus its upstream stages' hashes."""
+    digests: dict[str, str] = {}
+    for stage in STAGES:
+        digests[stage] = artifacts.config_hash(stage, stage_config(config, stage),
+                                               [digests[u] for u in _UPSTREAM[stage]])
+    return digests
+
+
+# ---- the context shared by the stages ----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages share within one run: config, workdir, mesh and loaded artifacts."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    digests: dict[str, str]
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.workdir, stage)
+
+    @property
+    def space(self) -> SearchSpace:
+        return get_space(self.config.distill.space)
+
+    def figures(self, stage: str) -> dict[str, Any]:
+        """A completed stage's figures (from its manifest)."""
+        return artifacts.read_manifest(self.stage_dir(stage)).get("figures", {})
+
+
+def _is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+# ---- stage: teacher ----------------------------------------------------------------------------
+
+
+def _teacher_checkpoint_dir(ctx: Context) -> str:
+    configured = ctx.config.teacher.checkpoint
+    return configured if configured else os.path.join(ctx.stage_dir("teacher"), "checkpoint")
+
+
+def load_stage_teacher(ctx: Context) -> tuple[Any, dict[str, Any]]:
+    """The teacher module and its variables (replicated over the mesh), loaded once per run."""
+    if "teacher" not in ctx.cache:
+        cfg = ctx.config.teacher
+        ctx.cache["teacher"] = teacher_lib.load_teacher(
+            cfg.name, _teacher_checkpoint_dir(ctx), num_classes=cfg.num_classes or None,
+            sharding=sharding_lib.replicated(ctx.mesh))
+    return ctx.cache["teacher"]
+
+
+def _network_cost_figures(spec, resolution: int, num_classes: int) -> dict[str, int]:
+    total = costs_lib.network_costs(spec, resolution, num_classes).total
+    return {"params": total.params, "macs": total.macs, "dna_flops": total.dna_flops}
+
+
+def run_teacher(ctx: Context) -> dict[str, Any]:
+    """Trains the teacher (small data) or checks and evaluates a converted checkpoint."""
+    cfg, stage_dir = ctx.config.teacher, ctx.stage_dir("teacher")
+    if cfg.checkpoint:
+        module, variables = load_stage_teacher(ctx)
+        eval_data = data_lib.make_dataset(ctx.config.data, ctx.config.data.eval_split,
+                                          training=False, mesh=ctx.mesh)
+        with jax.set_mesh(ctx.mesh):
+            result = retrain_lib.evaluate(jax.jit(retrain_lib.make_eval_step(module)),
+                                          variables, iter(eval_data))
+        figures = {"test_accuracy": result["accuracy"], "test_top5": result["top5"],
+                   "source": "checkpoint", "checkpoint": cfg.checkpoint}
+        resolution = eval_data.info.image_shape[0]
+    else:
+        train_cfg = cfg.train
+        if train_cfg.model.name != cfg.name or len(train_cfg.model.stages):
+            raise StageError(f"teacher.train.model must be the zoo network teacher.name="
+                             f"{cfg.name!r} (got name {train_cfg.model.name!r}, stages "
+                             f"{tuple(train_cfg.model.stages)!r}): the teacher checkpoint "
+                             "is saved and reloaded by zoo name")
+        figures, variables = retrain_lib.train_and_evaluate(
+            train_cfg, os.path.join(stage_dir, "train"), mesh=ctx.mesh, return_variables=True)
+        num_classes = cfg.num_classes or int(
+            jax.tree.leaves(variables["params"]["classifier"])[0].shape[-1])
+        if _is_main_process():
+            checkpoint = _teacher_checkpoint_dir(ctx)
+            teacher_lib.save_teacher(
+                checkpoint, cfg.name, jax.device_get(variables), num_classes,
+                source={"trained_by": "dna_jax.pipeline", "config_hash": ctx.digests["teacher"]},
+                preprocessing={"resolution": int(train_cfg.data.image_size)}, overwrite=True)
+        figures = {**figures, "source": "trained"}
+        resolution = int(train_cfg.data.image_size) or 28
+    module, _ = load_stage_teacher(ctx)
+    figures.update(_network_cost_figures(module.spec, resolution, module.num_classes))
+    figures["resolution"] = resolution
+    return figures
+
+
+# ---- stage: distill ----------------------------------------------------------------------------
+
+
+def _supernet_dir(ctx: Context) -> str:
+    return os.path.join(ctx.stage_dir("distill"), "supernet")
+
+
+def run_distill(ctx: Context) -> dict[str, Any]:
+    """Trains every supernet block from one teacher forward per step (dna_jax.distill)."""
+    cfg = ctx.config
+    module, variables = load_stage_teacher(ctx)
+    train_data = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True,
+                                       mesh=ctx.mesh, seed=cfg.seed)
+    val_split = cfg.distill.val_split or cfg.data.eval_split
+    val_data = data_lib.make_dataset(cfg.data, val_split, training=False, mesh=ctx.mesh)
+    supernet, figures = distill_lib.train_supernet(
+        cfg.distill, module, variables, train_data, val_data, ctx.stage_dir("distill"),
+        mesh=ctx.mesh, space=ctx.space)
+    distill_lib.save_supernet(_supernet_dir(ctx), supernet)
+    ctx.cache["supernet"] = supernet
+    return figures
+
+
+def _distiller(ctx: Context) -> distill_lib.Distiller:
+    module, _ = load_stage_teacher(ctx)
+    return distill_lib.make_distiller(ctx.config.distill, module, steps_per_epoch=1,
+                                      space=ctx.space)
+
+
+def load_stage_supernet(ctx: Context) -> dict[str, Any]:
+    if "supernet" not in ctx.cache:
+        ctx.cache["supernet"] = distill_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx))
+    return ctx.cache["supernet"]
+
+
+# ---- stage: rate -------------------------------------------------------------------------------
+
+
+def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """(R rating batches [R, B, H, W, C] of `rate.split`, the recalibration batch [B, H, W, C]).
+
+    As in the original, the recalibration batch is the first training batch and the rating
+    batches are the first R (whole) batches of the held-out split.
+    """
+    cfg = ctx.config
+    rate_data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+    rate_data_cfg.eval_batch_size = cfg.rate.batch_size
+    rate_data = data_lib.make_dataset(rate_data_cfg, cfg.rate.split, training=False)
+    batches = []
+    for batch in rate_data.host_batches():
+        if len(batches) == cfg.rate.num_batches:
+            break
+        if "mask" in batch and not np.all(batch["mask"]):
+            break  # a padded last batch is not a rating batch
+        batches.append(batch["image"])
+    if len(batches) < cfg.rate.num_batches:
+        raise StageError(f"rate.split={cfg.rate.split!r} has {len(batches)} whole batches of "
+                         f"{cfg.rate.batch_size}, rate.num_batches asks for "
+                         f"{cfg.rate.num_batches}: lower one of them or use a larger split")
+    train = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True, seed=cfg.seed)
+    recal = next(iter(train.host_batches(0)))["image"]
+    return np.stack(batches), recal
+
+
+def run_rate(ctx: Context) -> dict[str, Any]:
+    """Rates every candidate (or `rate.num_candidates` sampled ones) of every block."""
+    module, teacher_variables = load_stage_teacher(ctx)
+    distiller = _distiller(ctx)
+    images, recal = rating_images(ctx)
+    watch = metrics_lib.Stopwatch()
+    paths = rate_lib.rate_blocks(ctx.space, distiller.blocks, load_stage_supernet(ctx), module,
+                                 teacher_variables, images, recal, ctx.config.rate,
+                                 ctx.stage_dir("rate"), mesh=ctx.mesh)
+    blocks = {}
+    for (_, summary_path), block in zip(paths, ctx.space.blocks):
+        summary = artifacts.read_json(summary_path)
+        blocks[block.name] = {"candidates": summary["candidates"],
+                              "best": summary["top_k"][0] if summary["top_k"] else None,
+                              "seconds": summary["rating"].get("seconds")}
+    total = sum(b["candidates"] for b in blocks.values())
+    seconds = watch.elapsed()
+    return {"blocks": blocks, "candidates": total, "seconds": seconds,
+            "rating_batches": int(images.shape[0]), "batch_size": int(images.shape[1])}
+
+
+# ---- stage: search -----------------------------------------------------------------------------
+
+
+def load_tables(ctx: Context) -> list[search_lib.BlockTable]:
+    rate_dir = ctx.stage_dir("rate")
+    return [search_lib.load_block_table(os.path.join(rate_dir, f"{block.name}.npz"))
+            for block in ctx.space.blocks]
+
+
+def _resolution(ctx: Context) -> int:
+    return int(ctx.config.rate.cost_resolution or ctx.config.data.image_size
+               or ctx.space.resolution)
+
+
+def search_budgets(ctx: Context) -> dict[str, float]:
+    """The budgets of the search: absolute, or a fraction of the teacher's cost."""
+    cfg = ctx.config.search
+    budget = cfg.budget
+    if not budget:
+        if not 0 < cfg.budget_fraction:
+            raise StageError("set search.budget (absolute) or search.budget_fraction > 0")
+        teacher_cost = ctx.figures("teacher").get(cfg.cost)
+        if teacher_cost is None:
+            raise StageError(f"search.cost={cfg.cost!r}: the teacher has no such cost "
+                             f"(known: params, macs, dna_flops)")
+        budget = cfg.budget_fraction * teacher_cost
+    budgets = {cfg.cost: float(budget)}
+    if cfg.params_budget:
+        budgets["params"] = float(cfg.params_budget)
+    return budgets
+
+
+def run_search(ctx: Context) -> dict[str, Any]:
+    """The exact Pareto front, the best network(s) under the budget, the exported winner."""
+    from dna_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
+    tables = load_tables(ctx)
+    teacher_figures = ctx.figures("teacher")
+    num_classes = _teacher_classes(ctx)
+    fixed = costs_lib.fixed_costs(space, _resolution(ctx), num_classes).as_dict()
+    budgets = search_budgets(ctx)
+    kwargs = dict(fixed_cost=fixed, combine=cfg.combine, standardize=cfg.standardize)
+    watch = metrics_lib.Stopwatch()
+    if cfg.method == "exact":
+        results = search_lib.search(tables, budgets, k=cfg.top_k, **kwargs)
+    elif cfg.method == "beam":
+        results = search_lib.beam_search(tables, budgets, width=cfg.beam_width, k=cfg.top_k,
+                                         **kwargs)
+    else:
+        raise StageError(f"search.method must be 'exact' or 'beam', got {cfg.method!r}")
+    search_seconds = watch.elapsed()
+    front = search_lib.pareto_front(tables, cfg.cost, **kwargs)
+    winner = results[0]
+    arch = Arch.of(winner.encodings)
+    if _is_main_process():
+        search_lib.plot_pareto_front(front, os.path.join(stage_dir, "pareto_front.png"),
+                                     chosen=results[:1])
+        search_lib.plot_score_histograms(tables, os.path.join(stage_dir, "score_histograms.png"),
+                                         names=[b.name for b in space.blocks])
+        artifacts.write_json(os.path.join(stage_dir, "front.json"), {
+            "cost_name": front.cost_name, "cost": front.cost, "score": front.score,
+            "indices": front.indices})
+        artifacts.write_json(os.path.join(stage_dir, "results.json"),
+                             [r.to_dict() for r in results])
+    supernet = load_stage_supernet(ctx) if ctx.config.retrain.inherit_weights else None
+    exported = export_lib.export_winner(space, arch, os.path.join(stage_dir, "winner"),
+                                        num_classes=num_classes, resolution=_resolution(ctx),
+                                        supernet_variables=supernet, seed=ctx.config.seed)
+    return {"budgets": budgets, "winner": winner.to_dict(), "arch": arch.to_json(space),
+            "block_strings": space.to_network_spec(arch).to_strings(),
+            "front_points": len(front), "search_seconds": search_seconds,
+            "teacher_cost": teacher_figures.get(cfg.cost), "export": exported}
+
+
+def _teacher_classes(ctx: Context) -> int:
+    module, _ = load_stage_teacher(ctx)
+    return int(module.num_classes)
+
+
+def winner_arch(ctx: Context) -> Arch:
+    return Arch.from_json(ctx.figures("search")["arch"])
+
+
+# ---- stage: retrain ----------------------------------------------------------------------------
+
+
+def run_retrain(ctx: Context) -> dict[str, Any]:
+    """Trains the searched network from scratch (or from the supernet's weights)."""
+    from dna_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    cfg = ctx.config.retrain
+    module, variables, arch = export_lib.load_exported(
+        os.path.join(ctx.stage_dir("search"), "winner"))
+    module = module.clone(drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    init = variables if cfg.inherit_weights else None
+    figures = retrain_lib.train_and_evaluate(cfg, ctx.stage_dir("retrain"), model=module,
+                                             init_variables=init, mesh=ctx.mesh)
+    resolution = int(cfg.data.image_size) or _resolution(ctx)
+    figures.update(_network_cost_figures(module.spec, resolution, module.num_classes))
+    figures["arch"] = arch.to_json(ctx.space)
+    return figures
+
+
+# ---- stage: report -----------------------------------------------------------------------------
+
+
+def run_report(ctx: Context) -> dict[str, Any]:
+    """summary.json and report.md: every stage's headline figures in one place."""
+    stage_dir = ctx.stage_dir("report")
+    teacher, search, retrain = (ctx.figures(s) for s in ("teacher", "search", "retrain"))
+    rate, distill = ctx.figures("rate"), ctx.figures("distill")
+    walls = {s: artifacts.read_manifest(ctx.stage_dir(s)).get("wall_seconds")
+             for s in STAGES if s != "report"}
+    cost = ctx.config.search.cost
+    summary = {
+        "teacher_accuracy": teacher.get("test_accuracy"),
+        "winner_accuracy": retrain.get("test_accuracy"),
+        "teacher_macs": teacher.get("macs"), "winner_macs": retrain.get("macs"),
+        "teacher_params": teacher.get("params"), "winner_params": retrain.get("params"),
+        "teacher_dna_flops": teacher.get("dna_flops"), "winner_dna_flops": retrain.get("dna_flops"),
+        "macs_ratio": _ratio(retrain.get("macs"), teacher.get("macs")),
+        "accuracy_gap": _diff(teacher.get("test_accuracy"), retrain.get("test_accuracy")),
+        "budget": search.get("budgets"), "search_cost": cost,
+        "winner_block_strings": search.get("block_strings"),
+        "winner_encoding": search.get("winner", {}).get("encodings"),
+        "winner_score": search.get("winner", {}).get("score"),
+        "best_per_block": {k: v.get("best") for k, v in rate.get("blocks", {}).items()},
+        "candidates_rated": rate.get("candidates"),
+        "distill_val_loss_ratio": distill.get("val_loss_ratio"),
+        "stage_wall_seconds": walls,
+        "wall_seconds": float(sum(v for v in walls.values() if v)),
+    }
+    for name in ("pareto_front.png", "score_histograms.png"):
+        source = os.path.join(ctx.stage_dir("search"), name)
+        if os.path.exists(source) and _is_main_process():
+            os.makedirs(stage_dir, exist_ok=True)
+            shutil.copyfile(source, os.path.join(stage_dir, name))
+    if _is_main_process():
+        artifacts.write_json(os.path.join(ctx.workdir, SUMMARY_FILE), summary)
+        artifacts.write_text(os.path.join(ctx.workdir, REPORT_FILE), render_report(summary, ctx))
+    return summary
+
+
+def _ratio(a, b):
+    return float(a) / float(b) if a is not None and b else None
+
+
+def _diff(a, b):
+    return float(a) - float(b) if a is not None and b is not None else None
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec) if spec else str(value)
+
+
+def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
+    """The human-readable report (markdown)."""
+    lines = [
+        f"# DNA run: {os.path.abspath(ctx.workdir)}", "",
+        f"Space `{ctx.config.distill.space}` ({ctx.space.size():,} architectures), "
+        f"budget {summary['budget']}.", "",
+        "| | teacher | winner |", "|---|---|---|",
+        f"| test accuracy | {_fmt(summary['teacher_accuracy'], '.4f')} | "
+        f"{_fmt(summary['winner_accuracy'], '.4f')} |",
+        f"| multiply-adds | {_fmt(summary['teacher_macs'], ',')} | "
+        f"{_fmt(summary['winner_macs'], ',')} |",
+        f"| params | {_fmt(summary['teacher_params'], ',')} | "
+        f"{_fmt(summary['winner_params'], ',')} |",
+        f"| dna_flops | {_fmt(summary['teacher_dna_flops'], ',')} | "
+        f"{_fmt(summary['winner_dna_flops'], ',')} |", "",
+        "## Chosen architecture", "",
+        f"Encoding {summary['winner_encoding']}, score {_fmt(summary['winner_score'], '.4f')}.",
+        "", "```", *[" | ".join(stage) for stage in summary["winner_block_strings"] or []], "```",
+        "", "## Best candidate per block", "", "| block | ops | score |", "|---|---|---|",
+    ]
+    for name, best in summary["best_per_block"].items():
+        if best:
+            lines.append(f"| {name} | {', '.join(best['ops'])} | {best['score']:.4f} |")
+    lines += ["", f"Candidates rated: {summary['candidates_rated']}. Distillation validation "
+              f"loss, final / initial per block: {summary['distill_val_loss_ratio']}.", "",
+              "![Pareto front](report/pareto_front.png)", "",
+              "![Score histograms](report/score_histograms.png)", "",
+              "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    for stage, seconds in summary["stage_wall_seconds"].items():
+        lines.append(f"| {stage} | {_fmt(seconds, '.1f')} |")
+    lines.append(f"| total | {summary['wall_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "teacher": run_teacher, "distill": run_distill, "rate": run_rate, "search": run_search,
+    "retrain": run_retrain, "report": run_report,
+}
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+
+def _move_aside(stage_dir: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = f"{stage_dir}.replaced-{stamp}"
+    os.replace(stage_dir, target)
+    return target
+
+
+def _check_started(ctx: Context, stage: str) -> None:
+    """A half-done stage of another config must not be resumed with this one."""
+    path = os.path.join(ctx.stage_dir(stage), STARTED_FILE)
+    if not os.path.exists(path):
+        return
+    started = artifacts.read_json(path)
+    if started.get("config_hash") == ctx.digests[stage]:
+        return
+    _changed(ctx, stage, started.get("config", {}), "an unfinished run of it")
+
+
+def _changed(ctx: Context, stage: str, old_config: Any, what: str) -> None:
+    """Handles an artifact made by another config: stop with the changes, or move it aside."""
+    stage_dir = ctx.stage_dir(stage)
+    new = artifacts.to_jsonable(stage_config(ctx.config, stage))
+    changes = artifacts._diff(old_config, new)  # pylint: disable=protected-access
+    detail = "; ".join(changes[:20]) or "an upstream stage changed"
+    if ctx.config.on_change == "rerun":
+        if _is_main_process():
+            moved = _move_aside(stage_dir)
+            logging.warning("%s: %s was made by another config (%s); moved to %s and rerun.",
+                            stage, what, detail, moved)
+        return
+    raise artifacts.ConfigChangedError(
+        f"stage {stage!r}: {stage_dir} holds {what} made by another config ({detail}). Use "
+        f"another --workdir, or pass --config.on_change=rerun to move it aside and recompute.")
+
+
+def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:
+    status = artifacts.stage_status(ctx.stage_dir(stage), ctx.digests[stage])
+    if status == "complete":
+        return
+    if status == "missing":
+        raise StageError(f"stage {needed_by!r} needs the {stage!r} artifact, but "
+                         f"{ctx.stage_dir(stage)} has none: add {stage!r} to config.stages")
+    old = artifacts.read_manifest(ctx.stage_dir(stage)).get("config", {})
+    changes = artifacts._diff(old, artifacts.to_jsonable(  # pylint: disable=protected-access
+        stage_config(ctx.config, stage)))
+    raise artifacts.ConfigChangedError(
+        f"stage {needed_by!r} needs the {stage!r} artifact, but {ctx.stage_dir(stage)} was "
+        f"made by another config ({'; '.join(changes[:20]) or 'an upstream stage changed'}): "
+        f"add {stage!r} to config.stages to recompute it")
+
+
+def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
+    """Runs one stage unless complete; returns (figures, 'ran' | 'skipped')."""
+    stage_dir, digest = ctx.stage_dir(stage), ctx.digests[stage]
+    status = artifacts.stage_status(stage_dir, digest)
+    if status == "complete":
+        logging.info("stage %s: complete for this config, skipped (%s)", stage, stage_dir)
+        return ctx.figures(stage), "skipped"
+    if status == "changed":
+        _changed(ctx, stage, artifacts.read_manifest(stage_dir).get("config", {}),
+                 "an artifact")
+    _check_started(ctx, stage)
+    for upstream in _UPSTREAM[stage]:
+        _require_complete(ctx, upstream, stage)
+    if _is_main_process():
+        artifacts.write_json(os.path.join(stage_dir, STARTED_FILE),
+                             {"stage": stage, "config_hash": digest,
+                              "config": stage_config(ctx.config, stage)})
+    logging.info("stage %s: running -> %s", stage, stage_dir)
+    watch = metrics_lib.Stopwatch()
+    figures = RUNNERS[stage](ctx)
+    wall = watch.elapsed()
+    if _is_main_process():
+        artifacts.write_manifest(stage_dir, stage, digest, stage_config(ctx.config, stage),
+                                 figures, wall)
+    logging.info("stage %s: done in %.1f s", stage, wall)
+    return figures, "ran"
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the field, on values the stages would only reject much later."""
+    parse_stages(config.stages)
+    if config.on_change not in ON_CHANGE:
+        raise ValueError(f"config.on_change must be one of {ON_CHANGE}, got {config.on_change!r}")
+    get_space(config.distill.space)
+    rate_lib.check_config(config.rate)
+    if config.search.method not in ("exact", "beam"):
+        raise ValueError(f"config.search.method must be 'exact' or 'beam', got "
+                         f"{config.search.method!r}")
+    if config.search.cost not in costs_lib.COST_NAMES:
+        raise ValueError(f"config.search.cost must be one of {costs_lib.COST_NAMES}, got "
+                         f"{config.search.cost!r}")
+    if config.rate.num_batches < 1 or config.rate.batch_size < 1:
+        raise ValueError("config.rate.num_batches and config.rate.batch_size must be >= 1")
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Runs the stages named in `config.stages`; returns the run's figures.
+
+    Returns:
+      {'stages': {stage: 'ran' | 'skipped'}, 'wall_seconds': this run's wall time, plus the
+      report's summary when the report stage ran (teacher_accuracy, winner_accuracy,
+      teacher_macs, winner_macs, ...), else the last stage's figures under its name}.
+    """
+    check_config(config)
+    watch = metrics_lib.Stopwatch()
+    mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
+    ctx = Context(config=config, workdir=os.path.abspath(workdir), mesh=mesh,
+                  digests=stage_digests(config))
+    os.makedirs(ctx.workdir, exist_ok=True)
+    ran: dict[str, str] = {}
+    figures: dict[str, Any] = {}
+    for stage in parse_stages(config.stages):
+        figures[stage], ran[stage] = run_stage(ctx, stage)
+    result: dict[str, Any] = {"stages": ran}
+    if "report" in figures:
+        result.update(figures["report"])
+        result["pipeline_wall_seconds"] = result.pop("wall_seconds")
+    else:
+        last = list(figures)[-1]
+        result[last] = {k: v for k, v in figures[last].items() if not isinstance(v, dict)}
+    result["wall_seconds"] = watch.elapsed()
+    return result
