@@ -133,11 +133,18 @@ def _background(iterator: Iterator[Any], size: int) -> Iterator[Any]:
 
 def _normalisation(cfg: Any, channels: int, source_mean: float | tuple,
                    source_std: float | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean = tuple(cfg.mean) if len(cfg.mean) else source_mean
-    std = tuple(cfg.std) if len(cfg.std) else source_std
-    mean = tuple(np.broadcast_to(np.asarray(mean, np.float32), (channels,)).tolist())
-    std = tuple(np.broadcast_to(np.asarray(std, np.float32), (channels,)).tolist())
-    return mean, std
+    """Per-channel (mean, std): the config's, else the source's (RGB ones averaged for gray)."""
+
+    def per_channel(given: Any, default: Any, field: str) -> tuple[float, ...]:
+        values = np.asarray(given if len(given) else default, np.float32).reshape(-1)
+        if not len(given) and channels == 1 and values.size > 1:
+            values = values.mean(keepdims=True)  # RGB statistics for a grayscale image.
+        if values.size not in (1, channels):
+            raise ValueError(f"data.{field} has {values.size} entries but the images have "
+                             f"{channels} channels; give 1 or {channels} values.")
+        return tuple(np.broadcast_to(values, (channels,)).tolist())
+
+    return per_channel(cfg.mean, source_mean, "mean"), per_channel(cfg.std, source_std, "std")
 
 
 def _in_memory_dataset(cfg: Any, split: str, training: bool, seed: int, images: np.ndarray,

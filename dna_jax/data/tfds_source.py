@@ -55,10 +55,15 @@ def get_builder(name: str, data_dir: str, download: bool) -> Any:
     Raises:
         DataNotFoundError: not prepared and download is False.
     """
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    local_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    base_name = name.split(":")[0].split("/")[0]
+    if not download and "://" not in local_dir and not os.path.isdir(
+            os.path.join(local_dir, base_name)):
+        raise DataNotFoundError(_hint(name, local_dir))  # Before the slow TensorFlow import.
     import_tf()
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     if not builder.is_prepared():
         if not download:
@@ -108,7 +113,8 @@ def _random_resized_crop(image: Any, seed: Any, size: int, min_area: float) -> A
         area_range=(min_area, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     image = tf.slice(image, begin, crop_size)
-    return tf.image.resize(image, (size, size), method="bicubic", antialias=True)
+    image = tf.image.resize(image, (size, size), method="bicubic", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)  # Bicubic overshoots; keep the uint8 range.
 
 
 def _pad_crop(image: Any, seed: Any, size: int, padding: int) -> Any:
@@ -130,6 +136,7 @@ def _centre_crop(image: Any, size: int, crop_pct: float) -> Any:
     image = tf.image.resize(image, resized, method="bicubic", antialias=True)
     top = (resized[0] - size) // 2
     left = (resized[1] - size) // 2
+    image = tf.clip_by_value(image, 0.0, 255.0)  # Bicubic overshoots; keep the uint8 range.
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
