@@ -3,6 +3,8 @@
   dna-jax info [--resolution 224] [--num-classes 1000]   search spaces and the model zoo
   dna-jax run --config configs/X.py --workdir DIR        the DNA pipeline (dna_jax.main)
   dna-jax train --config configs/X.py --workdir DIR      classifier training (teacher, retrain)
+  dna-jax export --space NAME (--table-dir DIR --budget macs=460M | --arch arch.json) [--out DIR]
+                                                         export the winner (dna_jax.export)
 
 Every command ends by printing one JSON object on its last output line.
 """
@@ -64,10 +66,18 @@ def _absl_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
     return run
 
 
+def _library_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
+    """Delegates to `module.main(argv)`, which returns the figures this command prints."""
+    def run(argv: Sequence[str]):
+        return importlib.import_module(module).main(list(argv))
+    return run
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], dict | None]] = {
     "info": info,
     "run": _absl_entry("dna_jax.main"),
     "train": _absl_entry("dna_jax.retrain"),
+    "export": _library_entry("dna_jax.export"),
 }
 
 

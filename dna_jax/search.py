@@ -18,6 +18,9 @@ multiple-choice knapsack. This module solves it:
   W at least the number of partial networks it is exhaustive, hence exact.
 * `original_dna_search`: the original code's nested loops and pruning, to show where it misses.
 * `brute_force_search` / `enumerate_compositions`: the reference for small tables.
+* `load_space_tables` / `space_fixed_costs`: the rating stage's tables of a search space,
+  checked against it, and the fixed parts, so results carry whole-network costs that equal
+  `dna_jax.costs.network_costs` of the exported child network.
 
 Scores are losses (lower is better). The search minimises an *objective*: the sum of per-block
 terms. `combine='sum'` uses the block scores themselves; `combine='product'` minimises the
@@ -198,6 +201,158 @@ def _save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# ---- tables of a search space: files, consistency, fixed parts -------------------------------
+
+def table_path(table_dir: str | os.PathLike, space, block_index: int) -> str:
+    """Where `dna_jax.rate.rate_blocks` writes a block's table: `<dir>/<block name>.npz`."""
+    return os.path.join(os.fspath(table_dir), f"{space.blocks[block_index].name}.npz")
+
+
+def load_space_tables(table_dir: str | os.PathLike, space, *, resolution: int | None = None,
+                      check_costs: bool = True) -> list[BlockTable]:
+    """One table per block of `space`, read from `table_dir` and checked against the space.
+
+    Every block gets a table, fixed blocks included (a missing fixed block's table is its one
+    candidate with score 0), so results encode whole architectures and the fixed part of a
+    network is only the stem, the first layer and the head (`space_fixed_costs`). Missing
+    analytic cost columns (`params`, `macs`, `dna_flops`) are added from `dna_jax.costs`.
+
+    Args:
+      table_dir: the rating stage's output folder.
+      space: the search space the tables were rated in.
+      resolution: input side length the costs refer to (default: the space's).
+      check_costs: the stored analytic costs must equal `dna_jax.costs.candidate_costs` at
+        `resolution` (they differ when a table was rated at another resolution or space).
+
+    Raises:
+      ValueError: naming the file and the problem: missing folder or file, unreadable or
+        empty table, wrong number of layers, illegal op indices, repeated candidates, costs
+        that do not match the space.
+    """
+    from dna_jax import costs as analytic  # costs.py is jax-free; imported here to stay light
+
+    table_dir = os.fspath(table_dir)
+    if not os.path.isdir(table_dir):
+        raise ValueError(f"{table_dir}: rating table folder does not exist")
+    tables = []
+    for b, block in enumerate(space.blocks):
+        path = table_path(table_dir, space, b)
+        if not os.path.exists(path) and block.fixed_ops is not None:
+            encodings = np.asarray([block.fixed_ops], np.int32)
+            table = BlockTable(encodings, np.zeros(1), {}, source=f"<fixed {block.name}>")
+        else:
+            table = load_block_table(path)
+        _check_space_encodings(table, space, b)
+        expected = analytic.candidate_costs(space, b, table.encodings, resolution)
+        for name, values in expected.items():
+            if name not in table.costs:
+                table = table.with_cost(name, values)
+            elif check_costs:
+                _check_cost_column(table, name, values, space, resolution or space.resolution)
+        tables.append(table)
+    return tables
+
+
+def _check_space_encodings(table: BlockTable, space, b: int) -> None:
+    block = space.blocks[b]
+    enc = table.encodings
+    if enc.shape[1] != block.num_layers:
+        raise ValueError(f"{table.source}: encodings have {enc.shape[1]} layers, but block {b} "
+                         f"({block.name}) of space {space.name!r} has {block.num_layers}")
+    for l in range(block.num_layers):
+        legal = np.asarray(space.layer_choices(b, l))
+        bad = ~np.isin(enc[:, l], legal)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(f"{table.source}: row {row} uses op {int(enc[row, l])} in layer {l}, "
+                             f"which block {b} ({block.name}) of space {space.name!r} does not "
+                             f"allow (legal: {', '.join(map(str, legal))})")
+    unique, counts = np.unique(enc, axis=0, return_counts=True)
+    if unique.shape[0] != enc.shape[0]:
+        repeated = unique[int(np.argmax(counts > 1))]
+        raise ValueError(f"{table.source}: candidate {repeated.tolist()} appears "
+                         f"{int(counts.max())} times; each candidate must appear once")
+
+
+def _check_cost_column(table: BlockTable, name: str, expected: np.ndarray, space,
+                       resolution: int) -> None:
+    stored = table.costs[name]
+    bad = stored != expected
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{table.source}: {name} of candidate {table.encodings[row].tolist()} "
+                         f"is {_num(stored[row])}, but space {space.name!r} at resolution "
+                         f"{resolution} gives {_num(expected[row])} ({int(bad.sum())} rows differ;"
+                         f" was the table rated at another resolution or in another space?)")
+
+
+def space_fixed_costs(space, resolution: int | None = None,
+                      num_classes: int = 1000) -> dict[str, int]:
+    """Whole-network costs outside every block table: stem, first layer and head.
+
+    `dna_jax.costs.fixed_costs` also counts fixed blocks; `load_space_tables` gives those a
+    table, so they are subtracted here (counting them twice would shift every budget).
+    """
+    from dna_jax import costs as analytic
+
+    total = analytic.fixed_costs(space, resolution, num_classes).as_dict()
+    for b, block in enumerate(space.blocks):
+        if block.fixed_ops is not None:
+            own = analytic.candidate_costs(space, b, np.asarray([block.fixed_ops]), resolution)
+            for name in total:
+                total[name] -= int(own[name][0])
+    return total
+
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_budget_strings(texts: Sequence[str]) -> dict[str, BudgetSpec]:
+    """Budgets from text: `macs=460e6`, `params=5.5M`, `macs=400M:460M`, `params=:6M`.
+
+    A single number is an upper bound; `low:high` an interval with either side left open.
+    Suffixes k, M, G multiply by 1e3, 1e6, 1e9.
+
+    Raises:
+      ValueError: naming the malformed entry.
+    """
+    budgets: dict[str, BudgetSpec] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier() or not value.strip():
+            raise ValueError(f"budget {text!r} must look like NAME=HIGH or NAME=LOW:HIGH "
+                             f"(e.g. macs=460M, params=:5.5M)")
+        if name in budgets:
+            raise ValueError(f"budget {name!r} is given twice")
+        try:
+            if ":" in value:
+                low, high = value.split(":", 1)
+                budgets[name] = (_parse_amount(low), _parse_amount(high))
+            else:
+                budgets[name] = _parse_amount(value)
+        except ValueError as error:
+            raise ValueError(f"budget {text!r}: {error}") from error
+        if budgets[name] is None or budgets[name] == (None, None):
+            raise ValueError(f"budget {text!r} bounds nothing")
+    return budgets
+
+
+def _parse_amount(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    scale = _SUFFIXES.get(text[-1].lower(), 1.0)
+    number = text[:-1] if text[-1].lower() in _SUFFIXES else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number (suffixes k, M, G allowed)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
 
 
 # ---- objectives, budgets, fixed costs ---------------------------------------------------------

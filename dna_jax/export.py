@@ -1,0 +1,449 @@
+"""Export a searched architecture: `arch.json`, block strings and a stand-alone child network.
+
+The search hands over an `Arch` (or a `SearchResult`); the export writes what retraining and
+deployment need, in open formats, into one folder:
+
+  arch.json         `Arch.to_json(space)`: op indices per block, op names, timm block strings
+  variables/        Orbax checkpoint of the child network's {'params', 'batch_stats'}
+  inheritance.json  which variable leaves came from the supernet and why the others did not
+  export.json       the summary (written last: its presence marks a complete export)
+
+Weights can be inherited from the supernet ({'block<k>': {'params', 'batch_stats'}}, see
+`dna_jax.models.supernet`). Child layer i of a block is the supernet's `layers_<l>/ops_<j>`
+(j = the op's branch position); block 0's `stem` and `first` are the child's stem and first
+layer. Shapes do not always agree: the supernet's last layer of a block maps to the TEACHER's
+width and a block's first layer reads the teacher's previous stage, while the child uses the
+hidden widths throughout. Each leaf is copied only where its shape is exactly the child's;
+everything else (and the head and classifier, which the supernet lacks) keeps its fresh
+initialisation, and `inheritance.json` lists both sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dna_jax import artifacts, costs
+from dna_jax.models.childnet import build_childnet
+from dna_jax.models.efficientnet import EfficientNet
+from dna_jax.models.initialize import init_variables
+from dna_jax.models.layers import LayerConfig
+from dna_jax.netspec import NetworkSpec
+from dna_jax.search import SearchResult
+from dna_jax.space import Arch, SearchSpace, get_space
+
+PyTree = Any
+EXPORT_FORMAT = "dna_jax.export/1"
+ARCH_FILE = "arch.json"
+SUMMARY_FILE = "export.json"
+INHERITANCE_FILE = "inheritance.json"
+VARIABLES_DIR = "variables"
+COLLECTIONS = ("params", "batch_stats")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ---- the architecture ------------------------------------------------------------------------
+
+def arch_of(space: SearchSpace, choice: Arch | SearchResult | Sequence[Sequence[int]]) -> Arch:
+    """The `Arch` of a search result (or an Arch, or op-index lists), validated in `space`.
+
+    Raises:
+      ValueError: if it is not an architecture of `space` (names the block, layer, reason).
+    """
+    if isinstance(choice, SearchResult):
+        arch = Arch.of(choice.encodings)
+    elif isinstance(choice, Arch):
+        arch = choice
+    else:
+        arch = Arch.of(choice)
+    space.validate(arch)
+    return arch
+
+
+def ops_per_stage(space: SearchSpace, arch: Arch) -> dict[str, list[str]]:
+    """Op names per searched block, skips included: {'block0': ['mb6_k3', ...], ...}."""
+    return {block.name: [space.op_name(o) for o in ops]
+            for block, ops in zip(space.blocks, arch.blocks)}
+
+
+# ---- weight inheritance ----------------------------------------------------------------------
+
+def supernet_sources(space: SearchSpace, arch: Arch) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Child module name -> (supernet block name, module path inside that block).
+
+    Skip ops have no child layer; the head and classifier have no supernet counterpart.
+    """
+    sources = {"stem": (space.blocks[0].name, ("stem",)),
+               "blocks_0": (space.blocks[0].name, ("first",))}
+    child_layer = 1
+    for b, ops in enumerate(arch.blocks):
+        for l, op in enumerate(ops):
+            if op == space.skip_index:
+                continue
+            branch = space.layer_choices(b, l).index(op)
+            sources[f"blocks_{child_layer}"] = (space.blocks[b].name,
+                                                (f"layers_{l}", f"ops_{branch}"))
+            child_layer += 1
+    return sources
+
+
+def inherit_supernet_weights(space: SearchSpace, arch: Arch, child_variables: PyTree,
+                             supernet_variables: Mapping[str, PyTree]
+                             ) -> tuple[dict, dict[str, list]]:
+    """Copies the supernet's weights wherever they fit the child exactly; the rest stays fresh.
+
+    The unit of inheritance is a conv with its BatchNorm (`conv_pw`, `conv_dw`, `conv_pwl`,
+    the stem), or an SE module: it is copied only if every leaf of it, parameters and
+    BatchNorm statistics alike, exists in the supernet with the child's shape, so no
+    BatchNorm is ever paired with a conv it was not trained with.
+
+    Args:
+      child_variables: freshly initialised {'params', 'batch_stats'} of the child network.
+      supernet_variables: {'block<k>': {'params', 'batch_stats'}} for every block of `space`.
+
+    Returns:
+      (variables, report) with report = {'inherited': [leaf paths], 'fresh': [[leaf path,
+      reason]]}; leaf paths read 'params/blocks_1/conv_pw/conv/kernel'.
+
+    Raises:
+      ValueError: if the supernet variables lack a block of the space.
+    """
+    missing = [b.name for b in space.blocks if b.name not in supernet_variables]
+    if missing:
+        raise ValueError(f"supernet variables have no {', '.join(map(repr, missing))} (they "
+                         f"have: {', '.join(map(str, supernet_variables)) or 'nothing'}); "
+                         f"expected {{'block<k>': {{'params', 'batch_stats'}}}} for every block")
+    sources = supernet_sources(space, arch)
+    flat = traverse_util.flatten_dict(jax.device_get(dict(child_variables)))
+    found, problems = {}, {}
+    for key, value in flat.items():
+        unit = _unit(key)
+        if key[1] not in sources:
+            problems.setdefault(unit, "no supernet counterpart")
+            continue
+        block, prefix = sources[key[1]]
+        source_key = (key[0], *prefix, *key[2:])
+        source = _lookup(supernet_variables[block], source_key)
+        if source is None:
+            problems.setdefault(unit, f"{block} has no {'/'.join(source_key)}")
+        elif source.shape != value.shape:
+            problems.setdefault(unit, f"{'/'.join(key)} has shape {tuple(value.shape)}, "
+                                      f"{block}/{'/'.join(source_key)} {tuple(source.shape)}")
+        else:
+            found[key] = np.asarray(source, dtype=value.dtype)
+    report: dict[str, list] = {"inherited": [], "fresh": []}
+    out = {}
+    for key, value in flat.items():
+        path = "/".join(key)
+        if _unit(key) in problems:
+            out[key] = value
+            report["fresh"].append([path, problems[_unit(key)]])
+        else:
+            out[key] = found[key]
+            report["inherited"].append(path)
+    return traverse_util.unflatten_dict(out), report
+
+
+def _unit(key: tuple[str, ...]) -> tuple[str, ...]:
+    """The module a leaf belongs to for inheritance: ('blocks_3', 'conv_pw'), ('stem',)."""
+    return key[1:3] if key[1].startswith("blocks_") and len(key) > 4 else key[1:2]
+
+
+def _lookup(tree: Any, key: Sequence[str]) -> np.ndarray | None:
+    for part in key:
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return None if isinstance(tree, Mapping) else np.asarray(jax.device_get(tree))
+
+
+def load_supernet_variables(path: str) -> dict[str, PyTree]:
+    """Supernet variables {'block<k>': {'params', 'batch_stats'}} from an Orbax checkpoint.
+
+    Accepts a checkpoint of that tree, of a train state with 'params' and 'batch_stats' each
+    {'block<k>': ...} (the distillation state), or a manager folder of numbered steps (the
+    latest is used).
+
+    Raises:
+      ValueError: naming the folder if it is missing or holds neither layout.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: supernet checkpoint folder does not exist")
+    steps = [int(name) for name in os.listdir(path) if name.isdigit()]
+    if steps:
+        path = os.path.join(path, str(max(steps)))
+        for item in ("default", "state"):  # CheckpointManager item folders
+            if os.path.isdir(os.path.join(path, item)):
+                path = os.path.join(path, item)
+                break
+    try:
+        tree = ocp.StandardCheckpointer().restore(path)
+    except Exception as error:  # Orbax raises many types; all mean "unusable"
+        raise ValueError(f"{path}: not a readable Orbax checkpoint ({error})") from error
+    if isinstance(tree, Mapping) and "params" in tree and "batch_stats" in tree \
+            and isinstance(tree["params"], Mapping) \
+            and all(k.startswith("block") for k in tree["params"]):
+        return {name: {"params": tree["params"][name],
+                       "batch_stats": tree["batch_stats"].get(name, {})}
+                for name in tree["params"]}
+    if isinstance(tree, Mapping) and tree and all(
+            isinstance(v, Mapping) and "params" in v for v in tree.values()):
+        return dict(tree)
+    keys = ", ".join(map(str, tree)) if isinstance(tree, Mapping) else type(tree).__name__
+    raise ValueError(f"{path}: expected supernet variables {{'block<k>': {{'params', "
+                     f"'batch_stats'}}}} or a state with 'params'/'batch_stats'; found: {keys}")
+
+
+# ---- export and load -------------------------------------------------------------------------
+
+def _layer_config_dict(config: LayerConfig) -> dict:
+    data = dataclasses.asdict(config)
+    data["dtype"] = jnp.dtype(config.dtype).name
+    return data
+
+
+def _layer_config_from(data: Mapping[str, Any]) -> LayerConfig:
+    data = dict(data)
+    data["dtype"] = _DTYPES[data.get("dtype", "float32")]
+    return LayerConfig(**data)
+
+
+def init_child(module: EfficientNet, resolution: int, seed: int) -> dict:
+    """Fresh {'params', 'batch_stats'} of a child network for square RGB inputs."""
+    image = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+    variables = init_variables(module, jax.random.key(seed), image, train=False)
+    return {c: variables.get(c, {}) for c in COLLECTIONS}
+
+
+def _abstract_variables(module: EfficientNet, resolution: int) -> dict:
+    """Shapes and dtypes of the child's variables, without computing them."""
+    image = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), image)
+    return {c: shapes.get(c, {}) for c in COLLECTIONS}
+
+
+def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *,
+                  num_classes: int, resolution: int | None = None,
+                  supernet_variables: Mapping[str, PyTree] | None = None, seed: int = 0,
+                  layer_config: LayerConfig | None = None) -> dict:
+    """Writes arch.json, the child network's variables (Orbax) and a summary to `out_dir`.
+
+    Args:
+      space: the search space.
+      arch: the chosen architecture, or the SearchResult naming it (its costs are then
+        checked against the exported network's; a mismatch is reported and logged).
+      out_dir: the export folder (created; an earlier export there is replaced).
+      num_classes: classifier outputs.
+      resolution: input side length for the costs and the initialisation (default: the
+        space's).
+      supernet_variables: if given, weights are inherited where shapes match exactly.
+      seed: initialisation seed of the fresh weights.
+      layer_config: padding, BatchNorm and activation options of the child network.
+
+    Returns:
+      The summary (also `export.json`): params, macs, dna_flops, ops per stage, block
+      strings, inherited and fresh leaf counts, the search result if given.
+    """
+    result = arch if isinstance(arch, SearchResult) else None
+    arch = arch_of(space, arch)
+    resolution = resolution or space.resolution
+    layer_config = layer_config or LayerConfig()
+    module = build_childnet(space, arch, num_classes, layer_config)
+    variables = init_child(module, resolution, seed)
+    report = {"inherited": [], "fresh": []}
+    if supernet_variables is not None:
+        variables, report = inherit_supernet_weights(space, arch, variables, supernet_variables)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    summary_path = os.path.join(out_dir, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        os.remove(summary_path)  # the old export is incomplete from here on
+    _save_variables(os.path.join(out_dir, VARIABLES_DIR), variables)
+    artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch.to_json(space) + "\n")
+    artifacts.write_json(os.path.join(out_dir, INHERITANCE_FILE), report)
+    summary = _summary(space, arch, module.spec, variables, report, num_classes, resolution,
+                       seed, layer_config, result, supernet_variables is not None)
+    artifacts.write_json(summary_path, summary)
+    return summary
+
+
+def _save_variables(path: str, variables: PyTree) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, jax.device_get(variables), force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def _summary(space, arch, spec: NetworkSpec, variables, report, num_classes, resolution, seed,
+             layer_config, result, inherited) -> dict:
+    total = costs.network_costs(spec, resolution, num_classes).total.as_dict()
+    counted = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(variables["params"]))
+    summary = {
+        "format": EXPORT_FORMAT, "space": space.name, "arch": [list(b) for b in arch.blocks],
+        "ops": ops_per_stage(space, arch), "block_strings": spec.to_strings(),
+        "stem_channels": spec.stem_channels, "stem_stride": spec.stem_stride,
+        "head_channels": spec.head_channels, "num_classes": num_classes,
+        "resolution": resolution, **total, "params_in_variables": int(counted),
+        "layers": sum(spec.stage_depths), "from_supernet": inherited,
+        "inherited_leaves": len(report["inherited"]), "fresh_leaves": len(report["fresh"]),
+        "seed": seed, "layer_config": _layer_config_dict(layer_config),
+        "files": {"arch": ARCH_FILE, "variables": VARIABLES_DIR,
+                  "inheritance": INHERITANCE_FILE},
+    }
+    if result is not None:
+        mismatch = {name: {"search": result.costs[name], "exported": total[name]}
+                    for name in total if name in result.costs
+                    and result.costs[name] != total[name]}
+        if mismatch:
+            logging.warning("export: search costs differ from the exported network's: %s "
+                            "(were the fixed parts or the resolution different?)", mismatch)
+        summary["search"] = result.to_dict()
+        summary["search_costs_match"] = not mismatch
+        summary["cost_mismatch"] = mismatch
+    return summary
+
+
+def load_exported(out_dir: str, space: SearchSpace | None = None
+                  ) -> tuple[EfficientNet, dict, Arch]:
+    """The exported (module, variables, arch) of `export_winner`.
+
+    Args:
+      out_dir: the export folder.
+      space: the search space, if it is not a preset (the export names its space).
+
+    Raises:
+      ValueError: naming the folder if the export is missing, incomplete or inconsistent.
+    """
+    out_dir = os.path.abspath(out_dir)
+    summary_path = os.path.join(out_dir, SUMMARY_FILE)
+    if not os.path.exists(summary_path):
+        raise ValueError(f"{out_dir}: no complete export ({SUMMARY_FILE} is missing)")
+    summary = artifacts.read_json(summary_path)
+    if summary.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{summary_path}: format {summary.get('format')!r}, expected "
+                         f"{EXPORT_FORMAT!r}")
+    with open(os.path.join(out_dir, ARCH_FILE), encoding="utf-8") as f:
+        arch = Arch.from_json(f.read())
+    space = space or get_space(summary["space"])
+    config = _layer_config_from(summary["layer_config"])
+    module = build_childnet(space, arch, summary["num_classes"], config)
+    if module.spec.to_strings() != summary["block_strings"]:
+        raise ValueError(f"{out_dir}: the block strings of {ARCH_FILE} in space {space.name!r} "
+                         f"differ from the exported network's")
+    target = _abstract_variables(module, summary["resolution"])
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        variables = checkpointer.restore(os.path.join(out_dir, VARIABLES_DIR), target)
+    except Exception as error:  # Orbax raises many types; all mean "unusable"
+        raise ValueError(f"{out_dir}/{VARIABLES_DIR}: cannot restore the child network's "
+                         f"variables ({type(error).__name__}: {error})") from error
+    return module, variables, arch
+
+
+# ---- command line: `dna-jax export` ----------------------------------------------------------
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="dna-jax export",
+        description="Search the rating tables under budgets (or read an arch.json) and export "
+                    "the winner: arch.json, block strings, an Orbax checkpoint of the child.")
+    parser.add_argument("--space", required=True, help="search-space preset name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table-dir", help="folder of <block>.npz rating tables")
+    source.add_argument("--arch", help="an arch.json (or any JSON with 'blocks')")
+    parser.add_argument("--budget", action="append", default=[],
+                        help="NAME=HIGH or NAME=LOW:HIGH on whole-network costs, e.g. "
+                             "macs=460M (repeat for two costs)")
+    parser.add_argument("--combine", default="sum", choices=("sum", "product"))
+    parser.add_argument("--standardize", action="store_true")
+    parser.add_argument("--out", help="export folder (default: 'export' beside the source)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--resolution", type=int, default=0, help="default: the space's")
+    parser.add_argument("--supernet", help="Orbax checkpoint of the supernet variables")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def choose_from_tables(space: SearchSpace, table_dir: str, budgets: Mapping[str, Any], *,
+                       resolution: int, num_classes: int, combine: str = "sum",
+                       standardize: bool = False) -> SearchResult:
+    """The exact best network of the space's rating tables under whole-network budgets."""
+    from dna_jax import search
+
+    if not budgets:
+        raise ValueError("give at least one budget, e.g. --budget macs=460M")
+    tables = search.load_space_tables(table_dir, space, resolution=resolution)
+    fixed = search.space_fixed_costs(space, resolution, num_classes)
+    return search.best_under_budget(tables, budgets, fixed_cost=fixed, combine=combine,
+                                    standardize=standardize)
+
+
+def main(argv: Sequence[str]) -> dict:
+    """`dna-jax export`: prints the summary; the caller prints it as the last JSON line.
+
+    Bad input (unknown space, unreadable tables, unreachable budgets ...) exits with status 1
+    and a one-line message naming what to fix.
+    """
+    args = _parser().parse_args(list(argv))
+    try:
+        return _run(args)
+    except ValueError as error:
+        raise SystemExit(f"dna-jax export: {error}") from error
+
+
+def _run(args) -> dict:
+    from dna_jax import search
+
+    space = get_space(args.space)
+    resolution = args.resolution or space.resolution
+    if args.table_dir:
+        budgets = search.parse_budget_strings(args.budget)
+        choice = choose_from_tables(space, args.table_dir, budgets, resolution=resolution,
+                                    num_classes=args.num_classes, combine=args.combine,
+                                    standardize=args.standardize)
+        source = args.table_dir
+    else:
+        if args.budget:
+            raise ValueError("--budget applies to --table-dir, not to --arch")
+        if not os.path.exists(args.arch):
+            raise ValueError(f"{args.arch}: architecture file does not exist")
+        with open(args.arch, encoding="utf-8") as f:
+            choice = Arch.from_json(f.read())
+        source = os.path.dirname(os.path.abspath(args.arch))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source.rstrip("/"))),
+                                   "export")
+    supernet = load_supernet_variables(args.supernet) if args.supernet else None
+    summary = export_winner(space, choice, out, num_classes=args.num_classes,
+                            resolution=resolution, supernet_variables=supernet, seed=args.seed)
+    print(describe(summary, out))
+    return {k: v for k, v in summary.items() if k not in ("layer_config", "files")} | \
+        {"out_dir": out}
+
+
+def describe(summary: Mapping[str, Any], out_dir: str) -> str:
+    """A few human-readable lines about an export."""
+    lines = [f"Exported {summary['space']} architecture to {out_dir}",
+             f"  params {summary['params']:,}  macs {summary['macs']:,}  "
+             f"dna_flops {summary['dna_flops']:,}  ({summary['resolution']} px, "
+             f"{summary['num_classes']} classes)"]
+    for (name, ops), strings in zip(summary["ops"].items(), summary["block_strings"][1:]):
+        lines.append(f"  {name:<8} {' '.join(ops):<40} {', '.join(strings)}")
+    if summary["from_supernet"]:
+        lines.append(f"  weights: {summary['inherited_leaves']} leaves from the supernet, "
+                     f"{summary['fresh_leaves']} fresh (see {INHERITANCE_FILE})")
+    if "search" in summary:
+        lines.append(f"  search score {summary['search']['score']:.6g}; costs match the "
+                     f"export: {summary['search_costs_match']}")
+    return "\n".join(lines)
