@@ -8,7 +8,10 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist_dna
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo info test test-slow clean
+.PHONY: setup setup-port data demo info test test-slow clean
+
+# The optional `port` extra (torch CPU build + timm) for the timm parity tests.
+TORCH_VERSION ?= 2.13.0
 
 $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +21,12 @@ $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+$(VENV)/.port-installed: $(VENV)/.installed
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[test,port]'
+	touch $@
+
+setup-port: $(VENV)/.port-installed
 
 # Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist package (idx files).
 data:
@@ -32,12 +41,12 @@ info: setup
 demo: setup data
 	$(VENV)/bin/dna-jax info
 
-test: setup data
+test: setup-port data
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the test setup is broken" >&2; exit 1; fi; \
 	exit $$rc
 
-test-slow: setup data
+test-slow: setup-port data
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
