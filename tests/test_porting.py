@@ -21,6 +21,8 @@ from dna_jax.models import zoo
 from dna_jax.models.layers import TORCH_CONFIG
 from dna_jax.porting import timm as port
 
+import torchvision_shim  # tests/ is on sys.path (pytest rootdir-relative import)
+
 TOLERANCE = 1e-4
 # Non-square, and small: stride-2 layers see even (80, 72, 40, ...) and odd (9, 5) inputs, so
 # TF 'same' padding is exercised on both of its asymmetric cases.
@@ -29,10 +31,12 @@ IMAGE_HW = (80, 72)
 
 def _import_torch_timm():
     torch = pytest.importorskip("torch")
+    # PyPI's torchvision (CUDA-linked) cannot load beside the CPU torch build: timm only needs
+    # it at import time, so placeholders stand in (tests/torchvision_shim.py).
+    torchvision_shim.install_if_broken()
     try:
         import timm  # pylint: disable=import-outside-toplevel
     except Exception as e:  # pylint: disable=broad-except
-        # A torchvision build that does not match torch fails with RuntimeError, not ImportError.
         pytest.skip(f"timm is not usable here: {type(e).__name__}: {e}")
     return torch, timm
 
