@@ -1,5 +1,6 @@
 """Search: exact front and budgets against brute force, beam, original DNA search, tables, I/O."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -453,3 +454,86 @@ def test_table_latency_cost_is_searched_exactly():
     budgets = {"lat": 8.0, "macs": float(np.median(brute(tables)[2]))}
     assert S.search(tables, budgets)[0].objective == \
         S.brute_force_search(tables, budgets)[0].objective
+
+
+# ---- tables of a search space: consistency, fixed parts, budget strings ------------------------
+
+def write_space_tables(space, folder, resolution=None):
+    from dna_jax import costs
+    rng = np.random.default_rng(0)
+    for b in range(len(space.blocks)):
+        enc = space.block_candidates(b)
+        S.save_block_table(S.table_path(folder, space, b), S.BlockTable(
+            enc, rng.uniform(0.5, 1.5, len(enc)), costs.candidate_costs(space, b, enc,
+                                                                          resolution)))
+
+
+def test_space_tables_give_whole_network_costs(tmp_path):
+    from dna_jax import costs
+    from dna_jax import space as sp
+    space = sp.get_space("small")
+    write_space_tables(space, tmp_path)
+    tables = S.load_space_tables(tmp_path, space)
+    assert [len(t) for t in tables] == [space.block_size(b) for b in range(len(space.blocks))]
+    fixed = S.space_fixed_costs(space, num_classes=10)
+    assert fixed == costs.fixed_costs(space, num_classes=10).as_dict()  # no fixed blocks
+    front = S.pareto_front(tables, "macs", fixed_cost=fixed)
+    for i in (0, len(front) // 2, len(front) - 1):
+        result = front.result(i)
+        arch = sp.Arch.of(result.encodings)
+        total = costs.network_costs(space.to_network_spec(arch), space.resolution, 10).total
+        assert result.costs == total.as_dict()
+    # A fixed block: its table may be missing (one candidate, score 0); counted once.
+    fixed_space = dataclasses.replace(space, blocks=space.blocks[:-1] + (
+        dataclasses.replace(space.blocks[-1], fixed_ops=(3,)),))
+    os.remove(S.table_path(tmp_path, space, 3))
+    tables = S.load_space_tables(tmp_path, fixed_space)
+    assert tables[3].encodings.tolist() == [[3]] and tables[3].score.tolist() == [0.0]
+    fixed = S.space_fixed_costs(fixed_space, num_classes=10)
+    result = S.best_under_budget(tables, {"macs": 1e12}, fixed_cost=fixed)
+    arch = sp.Arch.of(result.encodings)
+    total = costs.network_costs(fixed_space.to_network_spec(arch), space.resolution, 10).total
+    assert result.costs == total.as_dict() and result.encodings[3] == (3,)
+
+
+def test_inconsistent_space_tables_name_the_file_and_the_problem(tmp_path):
+    from dna_jax import space as sp
+    space = sp.get_space("small")
+    with pytest.raises(ValueError, match="rating table folder does not exist"):
+        S.load_space_tables(tmp_path / "none", space)
+    write_space_tables(space, tmp_path, resolution=64)
+    path = S.table_path(tmp_path, space, 0)
+    with pytest.raises(ValueError, match=f"{path}: macs of candidate \\[0, 0\\] is 6833088, but "
+                                         f"space 'small' at resolution 32 gives"):
+        S.load_space_tables(tmp_path, space)
+    assert len(S.load_space_tables(tmp_path, space, resolution=64)) == 4
+    assert len(S.load_space_tables(tmp_path, space, check_costs=False)) == 4
+    good = S.load_block_table(path)
+    cases = {
+        "layers": (good.encodings[:, :1], "encodings have 1 layers, but block 0"),
+        "op": (np.where(good.encodings == 5, 6, good.encodings),
+               "uses op 6 in layer 0, which block 0 \\(block0\\) of space 'small' does not "
+               "allow"),
+        "repeat": (np.concatenate([good.encodings[:-1], good.encodings[:1]]),
+                   "candidate \\[0, 0\\] appears 2 times"),
+    }
+    for name, (encodings, message) in cases.items():
+        S.save_block_table(path, S.BlockTable(encodings, good.score[:len(encodings)], {}))
+        with pytest.raises(ValueError, match=message) as info:
+            S.load_space_tables(tmp_path, space, resolution=64)
+        assert str(path) in str(info.value), name
+    os.remove(path)
+    with pytest.raises(ValueError, match="block0.npz: block table file does not exist"):
+        S.load_space_tables(tmp_path, space)
+
+
+def test_budget_strings():
+    assert S.parse_budget_strings(["macs=460M", "params=:5.5e6"]) == \
+        {"macs": 460e6, "params": (None, 5.5e6)}
+    assert S.parse_budget_strings(["dna_flops=1k:2G"]) == {"dna_flops": (1e3, 2e9)}
+    for bad, message in (("macs", "must look like"), ("macs=abc", "'abc' is not a number"),
+                         ("macs=:", "bounds nothing"), ("macs=inf", "not finite")):
+        with pytest.raises(ValueError, match=message):
+            S.parse_budget_strings([bad])
+    with pytest.raises(ValueError, match="given twice"):
+        S.parse_budget_strings(["macs=1", "macs=2"])
