@@ -219,3 +219,42 @@ def _add_entry(entries: dict, key, value: float, path: str, where: str) -> None:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{path}: {where}: latency must be finite and >= 0, got {value}")
     entries[key] = value
+
+
+# ---- search spaces -----------------------------------------------------------------------------
+
+def layer_input_resolutions(space, block_index: int, resolution: int | None = None
+                            ) -> tuple[int, ...]:
+    """Input side length of every searchable layer of a block in the child network."""
+    from dna_jax.costs import block_input_size
+    from dna_jax.netspec import conv_output_size
+
+    size = block_input_size(space, block_index, resolution or space.resolution)
+    out = []
+    for layer in range(space.blocks[block_index].num_layers):
+        out.append(size)
+        size = conv_output_size(size, space.layer_io(block_index, layer)[2])
+    return tuple(out)
+
+
+def add_space_latency(tables: Sequence[BlockTable], latency: LatencyTable, space,
+                      resolution: int | None = None, name: str = "latency"
+                      ) -> list[BlockTable]:
+    """Every block table of `space` with a table-latency cost column (ms).
+
+    Use `fixed_latency_ms(latency)` as the fixed part of that cost in the search.
+    """
+    if len(tables) != len(space.blocks):
+        raise ValueError(f"{len(tables)} tables for the {len(space.blocks)} blocks of space "
+                         f"{space.name!r}")
+    return [add_latency_cost(t, latency, b, layer_input_resolutions(space, b, resolution), name)
+            for b, t in enumerate(tables)]
+
+
+def fixed_latency_ms(latency: LatencyTable) -> float:
+    """The measured latency of the fixed parts (stem, first layer, head): meta 'fixed_ms'."""
+    try:
+        return float(latency.meta.get("fixed_ms", 0.0))
+    except ValueError as error:
+        raise ValueError(f"{latency.source}: meta fixed_ms is not a number "
+                         f"({latency.meta['fixed_ms']!r})") from error

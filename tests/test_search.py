@@ -1,6 +1,7 @@
 """Search: exact front and budgets against brute force, beam, original DNA search, tables, I/O."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -537,3 +538,48 @@ def test_budget_strings():
             S.parse_budget_strings([bad])
     with pytest.raises(ValueError, match="given twice"):
         S.parse_budget_strings(["macs=1", "macs=2"])
+
+
+def test_space_latency_columns_and_fixed_part(tmp_path):
+    from dna_jax import space as sp
+    space = sp.get_space("small")
+    assert lat.layer_input_resolutions(space, 0) == (32, 16)
+    assert [lat.layer_input_resolutions(space, b, 64) for b in range(4)] == \
+        [(64, 32), (32, 16), (16, 8), (8,)]
+    entries = {(b, l, o, r): 0.5 * b + 0.25 * l + 0.125 * o
+               for b in range(4) for l, r in enumerate(lat.layer_input_resolutions(space, b))
+               for o in range(6)}
+    table = lat.LatencyTable(entries, {"fixed_ms": "1.5"})
+    write_space_tables(space, tmp_path)
+    tables = lat.add_space_latency(S.load_space_tables(tmp_path, space), table, space)
+    fixed = {**S.space_fixed_costs(space, num_classes=10), "latency": lat.fixed_latency_ms(table)}
+    result = S.best_under_budget(tables, {"latency": 8.0, "macs": 1e12}, fixed_cost=fixed)
+    expected = 1.5 + sum(0.5 * b + 0.25 * l + 0.125 * o
+                         for b, ops in enumerate(result.encodings) for l, o in enumerate(ops))
+    assert result.costs["latency"] == pytest.approx(expected) and expected <= 8.0
+    assert result.objective == S.brute_force_search(
+        tables, {"latency": 8.0 - 1.5}, max_compositions=300_000)[0].objective
+    with pytest.raises(ValueError, match="3 tables for the 4 blocks"):
+        lat.add_space_latency(tables[:3], table, space)
+    with pytest.raises(ValueError, match="meta fixed_ms is not a number"):
+        lat.fixed_latency_ms(lat.LatencyTable({}, {"fixed_ms": "fast"}))
+
+
+@pytest.mark.slow
+def test_measure_latency_script_writes_a_loadable_table(tmp_path):
+    import subprocess
+    import sys
+    from dna_jax import space as sp
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "lat.json"
+    run = subprocess.run([sys.executable, "benchmarks/measure_latency.py", "--space", "small",
+                          "--runs", "1", "--warmup", "1", "--out", str(out)], cwd=root,
+                         capture_output=True, text=True, timeout=900, check=True)
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    space = sp.get_space("small")
+    table = lat.load_latency_table(out)
+    assert figures["entries"] == len(table.entries) == 6 * 7
+    assert lat.fixed_latency_ms(table) == pytest.approx(figures["fixed_ms"]) > 0
+    for b in range(4):
+        lat.add_latency_cost(S.BlockTable(space.block_candidates(b), np.zeros(
+            space.block_size(b)), {}), table, b, lat.layer_input_resolutions(space, b))
