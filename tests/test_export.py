@@ -13,7 +13,6 @@ from dna_jax import cli, costs
 from dna_jax import export as E
 from dna_jax import search as S
 from dna_jax import space as sp
-from dna_jax.models.initialize import init_variables
 from dna_jax.models.supernet import SupernetBlock
 from dna_jax.netspec import LayerSpec
 
@@ -44,12 +43,16 @@ def write_tables(space, folder, seed=0):
 
 
 def supernet_variables(space):
+    """Random supernet variables of the right shapes (no initialiser to compile)."""
     inputs = {0: jnp.zeros((1, RES, RES, 3)), 1: jnp.zeros((1, RES // 2, RES // 2, 12))}
+    rng = np.random.default_rng(10)
     out = {}
     for k, channels in enumerate((3, 12)):
         block = SupernetBlock(space, k, channels)
-        out[f"block{k}"] = init_variables(block, jax.random.key(10 + k), inputs[k],
-                                          jnp.zeros(2, jnp.int32), train=False)
+        shapes = jax.eval_shape(lambda x, b=block: b.init(jax.random.key(0), x, jnp.zeros(
+            2, jnp.int32), train=False), inputs[k])
+        out[f"block{k}"] = jax.tree.map(
+            lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes)
     return out
 
 
@@ -142,18 +145,21 @@ def test_inherited_layers_compute_what_the_supernet_computes(exported):
     space, result, supernet, _, out = exported
     module, variables, arch = E.load_exported(out, space=space)
     x = jax.random.normal(jax.random.key(0), (2, RES, RES, 3))
-    child = module.apply(variables, x, 0, 1, False, method=module.forward_stages)["stage0"]
-    block0 = SupernetBlock(space, 0, 3)
-    parent = block0.apply(supernet["block0"], x, False, method=block0.prepare_input)
-    np.testing.assert_allclose(child, parent, rtol=1e-5, atol=1e-5)
-    h = jax.random.normal(jax.random.key(1), (2, RES // 2, RES // 2, 12))
-    child = module.apply(variables, h, method=lambda m, y: m.blocks[3](y, False))
-    block1 = SupernetBlock(space, 1, 12)
+    block0, block1 = SupernetBlock(space, 0, 3), SupernetBlock(space, 1, 12)
     op = arch.blocks[1][0]
-    parent = block1.apply(supernet["block1"], h, 0, op, False, method=block1.apply_op)
-    np.testing.assert_allclose(child, parent, rtol=1e-5, atol=1e-5)
-    logits, _ = module.apply(variables, x)
-    assert logits.shape == (2, CLASSES) and bool(jnp.isfinite(logits).all())
+    h = jax.random.normal(jax.random.key(1), (2, RES // 2, RES // 2, 12))
+
+    @jax.jit  # one compilation is cheaper than running these layers op by op
+    def both(variables, supernet, x, h):
+        child = (module.apply(variables, x, 0, 1, False, method=module.forward_stages)["stage0"],
+                 module.apply(variables, h, method=lambda m, y: m.blocks[3](y, False)))
+        parent = (block0.apply(supernet["block0"], x, False, method=block0.prepare_input),
+                  block1.apply(supernet["block1"], h, 0, op, False, method=block1.apply_op))
+        return child, parent
+
+    child, parent = both(variables, supernet, x, h)
+    for c, p in zip(child, parent):  # stem + first layer; block1's first layer (teacher input)
+        np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-5)
 
 
 def test_export_bad_input(exported, tmp_path):
@@ -210,3 +216,23 @@ def test_cli_export_from_tables_and_from_arch_json(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit, match="budget 'macs' must look like"):
         cli.main(["export", "--space", space.name, "--table-dir", str(tmp_path / "rate"),
                   "--budget", "macs"])
+
+
+def test_supernet_checkpoint_layouts(exported, tmp_path):
+    import orbax.checkpoint as ocp
+    _, _, supernet, _, _ = exported
+    state = {"params": {k: v["params"] for k, v in supernet.items()},
+             "batch_stats": {k: v["batch_stats"] for k, v in supernet.items()},
+             "step": np.asarray(7)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(tmp_path / "variables"), jax.device_get(supernet))
+    checkpointer.save(str(tmp_path / "manager" / "12" / "default"), jax.device_get(state))
+    checkpointer.save(str(tmp_path / "other"), {"weights": np.zeros(3)})
+    checkpointer.wait_until_finished()
+    for folder in ("variables", "manager"):
+        loaded = E.load_supernet_variables(str(tmp_path / folder))
+        assert sorted(loaded) == ["block0", "block1"]
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(jax.device_get(supernet))):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="other: expected supernet variables .* found: weights"):
+        E.load_supernet_variables(str(tmp_path / "other"))
