@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+import logging as py_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,10 +26,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every stage's arti
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Drops the INFO chatter of Orbax and TensorFlow (dozens of lines per checkpoint)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        noisy = ("/orbax/", "/tensorflow/", "/tensorflow_datasets/")
+        return record.levelno >= py_logging.WARNING or not any(
+            part in record.pathname for part in noisy)
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     sharding.initialize_distributed(config.distributed)
     figures = pipeline.run_pipeline(config, _WORKDIR.value)

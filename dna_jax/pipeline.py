@@ -275,7 +275,8 @@ def _distiller(ctx: Context) -> distill_lib.Distiller:
 
 def load_stage_supernet(ctx: Context) -> dict[str, Any]:
     if "supernet" not in ctx.cache:
-        ctx.cache["supernet"] = distill_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx))
+        ctx.cache["supernet"] = distill_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx),
+                                                         mesh=ctx.mesh)
     return ctx.cache["supernet"]
 
 
@@ -395,7 +396,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
         artifacts.write_json(os.path.join(stage_dir, "results.json"),
                              [r.to_dict() for r in results])
     supernet = load_stage_supernet(ctx) if ctx.config.retrain.inherit_weights else None
-    exported = export_lib.export_winner(space, arch, os.path.join(stage_dir, "winner"),
+    exported = export_lib.export_winner(space, winner, os.path.join(stage_dir, "winner"),
                                         num_classes=num_classes, resolution=_resolution(ctx),
                                         supernet_variables=supernet, seed=ctx.config.seed)
     return {"budgets": budgets, "winner": winner.to_dict(), "arch": arch.to_json(space),

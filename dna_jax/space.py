@@ -293,6 +293,14 @@ PRESETS = {
         stem_channels=16, stem_stride=1, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
         head_channels=320, resolution=32,
         description="small space for 28-32 px images, aligned with zoo 'fmnist_teacher'"),
+    # Seconds-long end-to-end tests: two blocks of two MBConv3 ops, aligned with 'tiny_teacher'.
+    "tiny": lambda: SearchSpace(
+        name="tiny",
+        blocks=_blocks((1, 2), (12, 16), (16, 24), (2, 2), False),
+        ops=(OpSpec("mb3_k3", 3, 3), OpSpec("mb3_k5", 5, 3)),
+        stem_channels=8, stem_stride=1, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
+        head_channels=32, resolution=16,
+        description="tiny test space (2 ops, 2 + 4 candidates), aligned with 'tiny_teacher'"),
 }
 
 

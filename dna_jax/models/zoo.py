@@ -69,6 +69,13 @@ SMALL_TEACHER_STAGES = [
     ["ir_r1_k3_s1_e6_c96"],
 ]
 
+# The `tiny` search space's teacher (tests): stage widths 8/16/24.
+TINY_TEACHER_STAGES = [
+    ["ds_r1_k3_s1_c8"],
+    ["ir_r1_k3_s2_e6_c16"],
+    ["ir_r2_k3_s2_e6_c24"],
+]
+
 
 def _dna_spec(name: str) -> NetworkSpec:
     return NetworkSpec.from_strings(name, 32, _with_se(DNA_STAGES[name]), 1280)
@@ -85,6 +92,8 @@ for _name in EFFICIENTNET_PARAMS:
 for _name in DNA_STAGES:
     _REGISTRY[_name] = functools.partial(_dna_spec, _name)
 _REGISTRY["fmnist_teacher"] = _small_teacher_spec
+_REGISTRY["tiny_teacher"] = lambda: NetworkSpec.from_strings(
+    "tiny_teacher", 8, _with_se(TINY_TEACHER_STAGES), 64, stem_stride=1)
 
 
 def names() -> list[str]:
