@@ -29,7 +29,7 @@ from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import sharding as sharding_lib
-from dna_jax.models import zoo
+from dna_jax.models import cpu_conv, zoo
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
 from dna_jax.netspec import NetworkSpec
@@ -67,6 +67,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         bn_eps=0.0,  # 0 = default.
         bn_momentum=0.0,  # 0 = default (Flax convention: new = m * old + (1 - m) * batch).
         act="",  # '' = default.
+        conv_impl="auto",  # auto (taps on CPU) | taps | xla: see dna_jax.models.cpu_conv.
     )
     config.optimizer = dict(
         name="rmsprop_tf",  # rmsprop_tf | sgd | adamw.
@@ -253,20 +254,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, label_smoothing: float, ema_decay: float,
-                    ema_warmup: bool) -> Callable[[TrainState, Batch, jax.Array],
-                                                  tuple[TrainState, dict[str, jax.Array]]]:
+                    ema_warmup: bool, conv_impl: str = "auto"
+                    ) -> Callable[[TrainState, Batch, jax.Array],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure step (state, batch, rng) -> (state, metrics).
 
     Dropout and drop-path draw from fold_in(rng, state.step): the same step of a resumed run
     draws the same masks. BatchNorm statistics are taken over the whole global batch.
+    `conv_impl` picks how convolutions run (cpu_conv: XLA:CPU's conv gradients are slow).
     """
+    apply = cpu_conv.with_tap_convs(model.apply, conv_impl)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         step_rng = jax.random.fold_in(rng, state.step)
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            (logits, _), updates = model.apply(
+            (logits, _), updates = apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"],
                 train=True, rngs={"dropout": step_rng}, mutable=["batch_stats"])
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
@@ -310,11 +314,13 @@ def jit_train_step(train_step: Callable, state: TrainState, mesh: Mesh) -> Calla
         donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
+def make_eval_step(model: nn.Module, conv_impl: str = "auto"
+                   ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
     """Returns (variables, batch) -> masked sums of loss, top-1 and top-5 hits, and count."""
+    apply = cpu_conv.with_tap_convs(model.apply, conv_impl)
 
     def eval_step(variables: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
-        logits, _ = model.apply(variables, batch["image"], train=False)
+        logits, _ = apply(variables, batch["image"], train=False)
         mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
         labels = batch["label"]
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -432,9 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rng = jax.random.key(config.seed + 1)
     train_step = jit_train_step(
         make_train_step(model, tx, schedule, label_smoothing=config.label_smoothing,
-                        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup),
+                        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+                        conv_impl=config.model.conv_impl),
         state, mesh)
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = jax.jit(make_eval_step(model, config.model.conv_impl))
     use_ema = bool(config.ema_decay)
 
     writer = metrics_lib.create_writer(workdir)
