@@ -334,9 +334,9 @@ def run_rate(ctx: Context) -> dict[str, Any]:
 
 
 def load_tables(ctx: Context) -> list[search_lib.BlockTable]:
-    rate_dir = ctx.stage_dir("rate")
-    return [search_lib.load_block_table(os.path.join(rate_dir, f"{block.name}.npz"))
-            for block in ctx.space.blocks]
+    """The rating tables, checked against the space (names the file and the problem)."""
+    return search_lib.load_space_tables(ctx.stage_dir("rate"), ctx.space,
+                                        resolution=_resolution(ctx))
 
 
 def _resolution(ctx: Context) -> int:
@@ -370,7 +370,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
     tables = load_tables(ctx)
     teacher_figures = ctx.figures("teacher")
     num_classes = _teacher_classes(ctx)
-    fixed = costs_lib.fixed_costs(space, _resolution(ctx), num_classes).as_dict()
+    fixed = search_lib.space_fixed_costs(space, _resolution(ctx), num_classes)
     budgets = search_budgets(ctx)
     kwargs = dict(fixed_cost=fixed, combine=cfg.combine, standardize=cfg.standardize)
     watch = metrics_lib.Stopwatch()
