@@ -91,10 +91,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.teacher = dict(name="fmnist_teacher", checkpoint="", num_classes=0,
                           train=retrain_lib.get_default_config())
     config.distill = distill_lib.get_default_config()
-    config.rate = rate_lib.get_default_config()
-    config.rate.split = "test"
-    config.rate.num_batches = 1
-    config.rate.batch_size = 64
+    rate = rate_lib.get_default_config()
+    rate.unlock()  # the pipeline adds where its rating data comes from
+    rate.split = "test"
+    rate.num_batches = 1
+    rate.batch_size = 64
+    config.rate = rate
     config.search = dict(cost="macs", budget=0.0, budget_fraction=0.5, params_budget=0.0,
                          combine="sum", standardize=False, top_k=5, method="exact",
                          beam_width=1024)
