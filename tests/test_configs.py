@@ -1,0 +1,51 @@
+"""Every config file loads with every variant, passes the pipeline's checks, and documents
+the command that runs it (the first lines of its docstring)."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from dna_jax import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {
+    "fashion_mnist_dna.py": [None, "tiny"],
+    "fashion_mnist_teacher.py": [None, "tiny"],
+    "imagenet_dna.py": [None, "gpu1", "gpu8", "tpu_v4_32", "tpu_v4_32,space=released"],
+    "cifar10_dna.py": [None],
+}
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_config_file_is_listed():
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py"))}
+    assert files == set(VARIANTS), "add new config files (and their variants) to VARIANTS"
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
+def test_config_loads_locked_and_valid(name, arg):
+    module = _load(os.path.join(REPO, "configs", name))
+    config = module.get_config(arg)
+    assert config.is_locked
+    with pytest.raises((KeyError, AttributeError)):
+        config.no_such_field = 1  # a misspelt override fails loudly
+    if "stages" in config:
+        pipeline.check_config(config)
+        pipeline.stage_digests(config)
+    doc = module.__doc__.strip().splitlines()
+    command = next(line for line in doc if line.strip())
+    assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
+
+
+def test_unknown_variant_is_an_error():
+    module = _load(os.path.join(REPO, "configs", "fashion_mnist_dna.py"))
+    with pytest.raises(ValueError, match="tiny"):
+        module.get_config("huge")
