@@ -39,7 +39,7 @@ info: setup
 	$(VENV)/bin/dna-jax info
 
 demo: setup data
-	$(VENV)/bin/dna-jax info
+	$(VENV)/bin/dna-jax run --config configs/fashion_mnist_dna.py --workdir $(WORKDIR)
 
 test: setup-port data
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
