@@ -61,16 +61,15 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dna_jax import artifacts
 from dna_jax.costs import candidate_costs, conv_bn_costs, layer_costs
+from dna_jax.models import cpu_conv
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.supernet import SupernetBlock
 from dna_jax.netspec import conv_output_size
@@ -79,11 +78,11 @@ from dna_jax.space import SearchSpace
 PyTree = Any
 METRICS = ("mse", "mse_var", "rmse_var", "mae_rel", "cl_loss")
 BN_MODES = ("recalibrate", "batch")
-DEPTHWISE_IMPLS = ("auto", "shift", "conv")
 TABLE_FORMAT_VERSION = 1  # the `format_version` of dna_jax.search block tables
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _SPLIT_FACTOR = 4
-_RATER_IDS = itertools.count()  # a level is split over devices once it has this many nodes per device
+_RATER_IDS = itertools.count()
+_SHARED_FUNCTIONS: dict[tuple, tuple[dict, collections.Counter, int]] = {}  # a level is split over devices once it has this many nodes per device
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -107,10 +106,10 @@ def get_default_config() -> ml_collections.ConfigDict:
       log_every_seconds: progress log period.
       max_traces: if > 0, every jitted function asserts it is traced at most this often
         (`chex.assert_max_traces`; tests).
-      depthwise: how depthwise convolutions run while rating: 'conv' (XLA's grouped
-        convolution), 'shift' (a sum of k*k shifted, scaled copies of the input: same
-        values, 5-10x faster on XLA:CPU, whose grouped convolution is dense), or 'auto'
-        ('shift' on the CPU backend, 'conv' elsewhere).
+      conv_impl: how convolutions run while rating (`dna_jax.models.cpu_conv`): 'xla'
+        (XLA's convolutions), 'taps' (shifted slices and matmuls: same values, several times
+        faster on XLA:CPU, whose grouped (depthwise) convolution is dense), or 'auto' ('taps'
+        on the CPU backend, 'xla' elsewhere).
       fast_compile: compile with XLA's cheap backend options (several times faster to
         compile, slower to run): for tiny blocks, where compilation dominates (tests).
     """
@@ -125,7 +124,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         cost_resolution=0,
         log_every_seconds=30.0,
         max_traces=0,
-        depthwise="auto",
+        conv_impl="auto",
         fast_compile=False,
     )).lock()
 
@@ -137,9 +136,9 @@ def check_config(config: Any) -> None:
     if config.rank_metric not in METRICS:
         raise ValueError(f"rate.rank_metric must be one of {METRICS}, got "
                          f"{config.rank_metric!r}")
-    if config.depthwise not in DEPTHWISE_IMPLS:
-        raise ValueError(f"rate.depthwise must be one of {DEPTHWISE_IMPLS}, got "
-                         f"{config.depthwise!r}")
+    if config.conv_impl not in cpu_conv.CONV_IMPLS:
+        raise ValueError(f"rate.conv_impl must be one of {cpu_conv.CONV_IMPLS}, got "
+                         f"{config.conv_impl!r}")
     if config.memory_budget_bytes <= 0:
         raise ValueError(f"rate.memory_budget_bytes must be positive, got "
                          f"{config.memory_budget_bytes}")
@@ -150,80 +149,6 @@ def check_config(config: Any) -> None:
     if config.log_every_seconds <= 0:
         raise ValueError(f"rate.log_every_seconds must be positive, got "
                          f"{config.log_every_seconds}")
-
-
-# ---- depthwise convolutions as shifted sums -----------------------------------------------------
-
-
-def depthwise_shift_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                         padding: Any) -> jax.Array:
-    """A depthwise convolution NHWC x HW1C as the sum of k*k shifted, scaled slices of x.
-
-    XLA:CPU expands a grouped convolution into a dense one (C times the work); the slices
-    fuse into one elementwise loop instead.
-    """
-    kh, kw = kernel.shape[:2]
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), tuple(strides), padding)
-    else:
-        pads = [tuple(p) for p in padding]
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    sh, sw = strides
-    out_h, out_w = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0),
-                            (xp.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
-                             xp.shape[3]), (1, sh, sw, 1)) * kernel[i, j, 0]
-            out = tap if out is None else out + tap
-    return out
-
-
-def _depthwise_interceptor(next_fun, args, kwargs, context):
-    """Runs a bound `nn.Conv` that is depthwise (groups = channels, no bias, no dilation)
-    with `depthwise_shift_conv`; every other call is passed through unchanged."""
-    module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, nn.Conv)
-            or module.feature_group_count == 1 or module.is_initializing()):
-        return next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs.get("inputs")
-    padding = module.padding
-    kernel_size = tuple(module.kernel_size)
-    strides = module.strides or (1, 1)
-    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    simple = (x.ndim == 4 and len(kernel_size) == 2 and module.feature_group_count == x.shape[-1]
-              and module.features == x.shape[-1] and not module.use_bias
-              and module.mask is None and module.kernel_dilation in (None, 1, (1, 1))
-              and module.input_dilation in (None, 1, (1, 1))
-              and (padding in ("SAME", "VALID") or not isinstance(padding, (str, int))))
-    if not simple:
-        return next_fun(*args, **kwargs)
-    kernel = module.get_variable("params", "kernel")
-    dtype = module.dtype or jnp.result_type(x, kernel)
-    return depthwise_shift_conv(x.astype(dtype), kernel.astype(dtype), strides, padding)
-
-
-def resolve_depthwise(impl: str) -> str:
-    """'auto' -> 'shift' on the CPU backend, 'conv' elsewhere."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    return impl
-
-
-def with_depthwise(impl: str, fn: Callable) -> Callable:
-    """`fn` with depthwise convolutions of Flax modules run by `impl` ('shift' or 'conv')."""
-    if resolve_depthwise(impl) == "conv":
-        return fn
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with nn.intercept_methods(_depthwise_interceptor):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 # ---- candidates and their trie -----------------------------------------------------------------
@@ -612,8 +537,8 @@ class _Walk:
 class BlockRater:
     """Rates candidates of one supernet block with prefix sharing (see the module docstring).
 
-    One rater per block; it keeps its compiled functions, so rating the same block again
-    with the same shapes compiles nothing.
+    Raters of the same block, mesh and compile options share their compiled functions, so
+    rating the same block again with the same shapes compiles nothing.
 
     Args:
       block: the supernet block.
@@ -637,9 +562,13 @@ class BlockRater:
         self.variables = jax.device_put(
             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
             self._replicated)
-        self._functions: dict[tuple, Callable] = {}
-        self._uid = next(_RATER_IDS)
-        self.trace_counts: collections.Counter = collections.Counter()
+        # Raters of the same block, mesh and compile options share their jitted functions.
+        signature = (block.space, block.block_index, block.in_channels, block.config,
+                     self.mesh, self.config.conv_impl, self.config.fast_compile,
+                     self.config.max_traces)
+        if signature not in _SHARED_FUNCTIONS:
+            _SHARED_FUNCTIONS[signature] = ({}, collections.Counter(), next(_RATER_IDS))
+        self._functions, self.trace_counts, self._uid = _SHARED_FUNCTIONS[signature]
         self.counters: collections.Counter = collections.Counter()
 
     # -- public entry point --
@@ -888,7 +817,7 @@ class BlockRater:
         key = (kind, part, level, op, leaf)
         if key not in self._functions:
             body, in_specs, out_specs = self._body(kind, part, level, op, leaf)
-            body = with_depthwise(self.config.depthwise, body)
+            body = cpu_conv.with_tap_convs(body, self.config.conv_impl)
 
             def counted(*args, key=key, body=body):
                 self.trace_counts[key] += 1
@@ -1057,20 +986,16 @@ def _to_host(x: jax.Array) -> np.ndarray:
 # ---- the naive reference -------------------------------------------------------------------
 
 
-def rate_naive(block: SupernetBlock, variables: PyTree, inputs: Any, targets: Any,
-               encodings: np.ndarray, bn_mode: str = "recalibrate", recal_inputs: Any = None,
-               rank_metric: str = "cl_loss", depthwise: str = "auto") -> BlockRating:
-    """One jitted whole-path forward per candidate and batch (`SupernetBlock.__call__`).
-
-    The reference the prefix-shared evaluator must equal, and the baseline of its benchmark.
-    """
+def naive_errors_function(block: SupernetBlock, bn_mode: str = "recalibrate",
+                          conv_impl: str = "auto") -> Callable:
+    """The jitted whole-path forward of one candidate: `(variables, choices [L], x [R, B, ...],
+    t [R, B, ...], recal_x [B_r, ...]) -> [R, 2]` (per batch: mean squared, mean abs error)."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    inputs, targets = _as_batches(inputs, "inputs"), _as_batches(targets, "targets")
     recal_block = block.clone(config=dataclasses.replace(block.config, bn_momentum=0.0))
 
     @jax.jit
-    @functools.partial(with_depthwise, depthwise)
+    @functools.partial(cpu_conv.with_tap_convs, impl=conv_impl)
     def errors(variables, choices, x, t, recal_x):
         if bn_mode == "recalibrate":
             _, updates = recal_block.apply(variables, recal_x, choices, True,
@@ -1082,6 +1007,18 @@ def rate_naive(block: SupernetBlock, variables: PyTree, inputs: Any, targets: An
                                                mutable=["batch_stats"])[0])(x)
         return _batch_errors(y[None], t)[0]
 
+    return errors
+
+
+def rate_naive(block: SupernetBlock, variables: PyTree, inputs: Any, targets: Any,
+               encodings: np.ndarray, bn_mode: str = "recalibrate", recal_inputs: Any = None,
+               rank_metric: str = "cl_loss", conv_impl: str = "auto") -> BlockRating:
+    """One jitted whole-path forward per candidate and batch (`SupernetBlock.__call__`).
+
+    The reference the prefix-shared evaluator must equal, and the baseline of its benchmark.
+    """
+    inputs, targets = _as_batches(inputs, "inputs"), _as_batches(targets, "targets")
+    errors = naive_errors_function(block, bn_mode, conv_impl)
     recal_x = jnp.asarray(recal_inputs if recal_inputs is not None else inputs[0])
     x, t = jnp.asarray(inputs), jnp.asarray(targets)
     out = np.stack([np.asarray(errors(variables, jnp.asarray(row, jnp.int32), x, t, recal_x))
