@@ -2,8 +2,12 @@ r"""Fashion-MNIST teacher: a small EfficientNet-style network, trained on 2 CPU 
 
     python -m dna_jax.retrain --config configs/fashion_mnist_teacher.py --workdir /tmp/fmnist_teacher
 
-Expected: test_accuracy >= 0.90 (about 0.91-0.92) in a few minutes on 2 CPU cores. The last
-output line is a JSON object with the figures (also in <workdir>/figures.json).
+Measured (2 shared CPU cores, load 4-9 from other jobs): test_accuracy 0.8604 after 704
+steps (1.5 epochs, 20 px, batch 128) in 35 min wall; train step 1.37 s (93 images/s,
+benchmarks/train_throughput.py at load 4), compile 73 s. This does NOT yet reach the 0.90
+target: more epochs (and 28 px, about 2x the cost per image) are expected to, but were not
+run here. The last output line is a JSON object with the figures (also in
+<workdir>/figures.json).
 `configs/fashion_mnist_teacher.py:tiny` is a seconds-long smoke run used by the tests.
 """
 
@@ -21,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data.source = "fashion_mnist"  # Offline idx files, /usr/share/datasets/fashion-mnist.
-    config.data.image_size = 28
+    config.data.image_size = 20  # 28 px costs 2x more per image on CPU (see the docstring).
     config.data.channels = 3  # Grayscale tiled to RGB, as an ImageNet-style net expects.
     config.data.batch_size = 128
     config.data.eval_batch_size = 500
@@ -33,17 +37,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.drop_path_rate = 0.0
 
     config.optimizer.name = "adamw"
-    config.optimizer.learning_rate = 4e-3
+    config.optimizer.learning_rate = 8e-3
     config.optimizer.lr_base_batch = 256
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 0.05
     config.schedule.name = "cosine"
-    config.schedule.warmup_epochs = 0.2
-    config.num_epochs = 3.0
+    config.schedule.warmup_epochs = 0.1
+    config.num_epochs = 1.5
     config.label_smoothing = 0.1
     config.ema_decay = 0.0
     config.log_every_steps = 100
-    config.checkpoint_every_steps = 500
+    config.checkpoint_every_steps = 200
 
     if variant == "tiny":
         config.data.image_size = 16
