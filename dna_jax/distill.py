@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,9 +37,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dna_jax import checkpoint as checkpoint_lib
+from dna_jax import metrics as metrics_lib
+from dna_jax import sharding as sharding_lib
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
 from dna_jax.models.supernet import SupernetBlock, build_supernet_blocks
@@ -204,7 +209,7 @@ def make_optimizer(name: str, weight_decay: float = 0.0,
     """
     factory = getattr(optax, name, None)
     if factory is None or not callable(factory):
-        raise ValueError(f"unknown optax optimizer {name!r} (e.g. 'adam', 'adamw', 'sgd', "
+        raise ValueError(f"distill.optimizer: unknown optax optimizer {name!r} (e.g. 'adam', 'adamw', 'sgd', "
                          "'rmsprop', 'lion')")
     base = factory(learning_rate=1.0, **(kwargs or {}))
     if weight_decay:
@@ -253,6 +258,9 @@ class Distiller:
     decay_steps: int
     loss_weights: tuple[float, ...]
     sampling: str = "uniform"
+    # Compiled steps, keyed by (kind, mesh, ...): repeated runs reuse them (see make_distiller).
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False,
+                                       repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -328,18 +336,19 @@ class Distiller:
     # -- init --
 
     def init(self, rng: jax.Array, image_shape: Sequence[int],
-             teacher_variables: PyTree) -> DistillState:
-        """Fresh state. `image_shape` is one image's (H, W, C); block inputs follow the teacher."""
-        images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-        features = jax.eval_shape(
-            lambda v, x: self.teacher_features(v, x, self.teacher_stop(range(self.num_blocks))),
-            teacher_variables, images)
+             teacher_variables: PyTree | None = None) -> DistillState:
+        """Fresh state (pure; jit it, see `init_state`).
+
+        Parameter shapes depend on channels only, so `image_shape` (one image's H, W, C) just
+        has to survive the strides; block k > 0 is initialised on a dummy input with the
+        teacher's stage width. `teacher_variables` is unused (kept for older callers).
+        """
+        del teacher_variables
         params, batch_stats, opt_state = {}, {}, {}
         init_key = jax.random.fold_in(rng, 1)
         for k, block in enumerate(self.blocks):
-            block_input, _ = self.block_io(features, images, k)
             variables = block.init(jax.random.fold_in(init_key, k),
-                                   jnp.zeros(block_input.shape, jnp.float32),
+                                   jnp.zeros(self.block_input_shape(k, image_shape), jnp.float32),
                                    jnp.zeros((self.space.blocks[k].num_layers,), jnp.int32),
                                    False)
             name = block_name(k)
@@ -350,6 +359,19 @@ class Distiller:
         return DistillState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             rng=jax.random.fold_in(rng, 2))
+
+    def block_input_shape(self, k: int, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """A (1, H, W, C) input of block k that parameter shapes can be taken from."""
+        if k == 0:
+            return (1, *image_shape)
+        height, width = image_shape[:2]
+        stride = self.space.stem_stride * math.prod(b.stride for b in self.space.blocks[:k])
+        return (1, max(1, height // stride), max(1, width // stride), self.blocks[k].in_channels)
+
+    def abstract_variables(self, image_shape: Sequence[int] = (64, 64, 3)) -> PyTree:
+        """ShapeDtypeStructs of the supernet variables {'block<k>': {'params','batch_stats'}}."""
+        state = jax.eval_shape(lambda key: self.init(key, image_shape), jax.random.key(0))
+        return state.variables()
 
     # -- the step --
 
@@ -503,15 +525,39 @@ def default_learning_rates(num_blocks: int) -> tuple[float, ...]:
     return (0.002,) + (0.005,) * (num_blocks - 2) + (0.002,)
 
 
+# Config fields that change the Distiller (the math of a step); the others drive the loop.
+DISTILLER_FIELDS = ("space", "learning_rates", "lr_decay", "lr_decay_epochs", "optimizer",
+                    "optimizer_kwargs", "weight_decay", "loss_weights", "sampling",
+                    "teacher_dtype", "dtype", "padding", "bn_eps", "bn_momentum")
+_DISTILLERS: dict[Any, Distiller] = {}
+_MAX_DISTILLERS = 8
+
+
 def make_distiller(config: ml_collections.ConfigDict, teacher: EfficientNet,
                    steps_per_epoch: int, space: SearchSpace | None = None) -> Distiller:
-    """Builds the Distiller of a `distill` config section (see `get_default_config`).
+    """The Distiller of a `distill` config section (see `get_default_config`), memoised.
+
+    Equal inputs (the `DISTILLER_FIELDS` of the config, teacher, steps per epoch, space) give
+    the same Distiller object, so its compiled steps serve every run of a process (resumes,
+    DNA+ rounds, tests): on 2 CPU cores one compile of a supernet step takes minutes.
 
     Raises:
       ValueError: unknown options, per-block lists of the wrong length, or a space whose
         blocks do not align with the teacher's stages.
     """
     space = space or get_space(config.space)
+    fields = json.dumps({f: config[f].to_dict() if hasattr(config[f], "to_dict") else config[f]
+                         for f in DISTILLER_FIELDS}, sort_keys=True, default=str)
+    key = (fields, teacher, int(steps_per_epoch), space)
+    if key not in _DISTILLERS:
+        if len(_DISTILLERS) >= _MAX_DISTILLERS:
+            _DISTILLERS.pop(next(iter(_DISTILLERS)))
+        _DISTILLERS[key] = _build_distiller(config, teacher, steps_per_epoch, space)
+    return _DISTILLERS[key]
+
+
+def _build_distiller(config: ml_collections.ConfigDict, teacher: EfficientNet,
+                     steps_per_epoch: int, space: SearchSpace) -> Distiller:
     if config.sampling not in SAMPLINGS:
         raise ValueError(f"distill.sampling must be one of {SAMPLINGS}, got {config.sampling!r}")
     for field in ("teacher_dtype", "dtype"):
@@ -535,3 +581,465 @@ def make_distiller(config: ml_collections.ConfigDict, teacher: EfficientNet,
         decay_steps=max(1, round(config.lr_decay_epochs * steps_per_epoch)),
         loss_weights=_per_block(config.loss_weights, num_blocks, (1.0,), "loss_weights"),
         sampling=config.sampling)
+
+
+# ---- the loop -----------------------------------------------------------------------------
+
+CHECKPOINT_SUBDIR = "checkpoints"
+HISTORY_FILE = "distill_history.json"
+FIGURES_FILE = "figures.json"
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A block's distillation loss became NaN or infinite; the message names block and step."""
+
+
+class SupernetCheckpointError(ValueError):
+    """A saved supernet is missing, corrupt, or does not match the expected variables."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A run of global steps [start, stop) training the blocks `active` (one compiled step)."""
+
+    active: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the `distill.<field>` to fix for values the loop cannot use."""
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"distill.{field} {what}, got {config[field]!r}")
+
+    need(config.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+    need(config.sampling in SAMPLINGS, "sampling", f"must be one of {SAMPLINGS}")
+    need(config.num_steps >= 0, "num_steps", "must be >= 0 (0 = use num_epochs)")
+    need(config.num_steps > 0 or config.num_epochs > 0, "num_epochs",
+         "must be > 0 when distill.num_steps is 0")
+    need(config.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0 (0 = the dataset's)")
+    need(0 < config.lr_decay <= 1, "lr_decay", "must be in (0, 1]")
+    need(config.lr_decay_epochs > 0, "lr_decay_epochs", "must be > 0")
+    need(all(lr > 0 for lr in config.learning_rates), "learning_rates", "must all be > 0")
+    need(all(w >= 0 for w in config.loss_weights), "loss_weights", "must all be >= 0")
+    need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(config.val_num_paths >= 1, "val_num_paths", "must be >= 1")
+    for field in ("val_every_steps", "val_num_batches", "checkpoint_every_steps"):
+        need(config[field] >= 0, field, "must be >= 0")
+    need(config.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    need(config.max_checkpoints >= 1, "max_checkpoints", "must be >= 1")
+
+
+def make_phases(schedule: str, num_blocks: int, steps_per_block: int) -> list[Phase]:
+    """'all_blocks': one phase of every block; 'sequential': block 0, then block 1, ..."""
+    if schedule == "all_blocks":
+        return [Phase(tuple(range(num_blocks)), 0, steps_per_block)]
+    return [Phase((k,), k * steps_per_block, (k + 1) * steps_per_block)
+            for k in range(num_blocks)]
+
+
+def init_state(distiller: Distiller, seed: int, image_shape: Sequence[int],
+               mesh: Mesh) -> DistillState:
+    """The initial state, replicated on `mesh`, jitted with cheap compiler options.
+
+    Initialisation runs once; eager Flax init compiles every primitive separately (minutes on
+    2 CPU cores), and a fully optimised compile is slower than the cheap one.
+    """
+    cache_key = ("init", mesh, tuple(image_shape))
+    if cache_key not in distiller.compiled:
+        replicated = NamedSharding(mesh, P())
+        init = jax.jit(lambda key: distiller.init(key, image_shape), out_shardings=replicated)
+        lowered = init.lower(jax.random.key(seed))
+        try:
+            distiller.compiled[cache_key] = lowered.compile(compiler_options=_FAST_COMPILE)
+        except Exception:  # pylint: disable=broad-except  # a backend without these options
+            distiller.compiled[cache_key] = lowered.compile()
+    return distiller.compiled[cache_key](jax.random.key(seed))
+
+
+def validation_paths(distiller: Distiller, num_paths: int, seed: int) -> dict[str, np.ndarray]:
+    """Fixed random paths per block (op indices, int32 [num_paths, num_layers])."""
+    rng = np.random.default_rng(seed)
+    return {name: distiller.space.sample_block(k, num_paths, rng)
+            for k, name in enumerate(distiller.names)}
+
+
+def evaluate(eval_step: Callable, state: DistillState, teacher_variables: PyTree,
+             val_data: Any, paths: dict[str, np.ndarray], num_batches: int = 0) -> np.ndarray:
+    """Mean validation MSE of every block (float64 [num_blocks]) over `num_batches` batches."""
+    sums, count = None, 0.0
+    for index, batch in enumerate(val_data.global_batches()):
+        if num_batches and index >= num_batches:
+            break
+        images = batch["image"]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = jnp.ones(images.shape[:1], jnp.float32)
+        batch_sums, batch_count = eval_step(state, teacher_variables, images,
+                                            mask.astype(jnp.float32), paths)
+        batch_sums, batch_count = jax.device_get((batch_sums, batch_count))
+        sums = batch_sums if sums is None else sums + batch_sums
+        count += float(batch_count)
+    if sums is None or count == 0:
+        raise ValueError("the validation data gave no examples (check distill.val_split / "
+                         "data.eval_split and distill.val_num_batches)")
+    return np.asarray(sums, np.float64) / count
+
+
+def _checkpoint_tree(state: DistillState) -> DistillState:
+    """The state as Orbax stores it: the typed key as its raw uint32 data."""
+    return state.replace(rng=jax.random.key_data(state.rng))
+
+
+def _state_from_checkpoint(tree: DistillState) -> DistillState:
+    return tree.replace(rng=jax.random.wrap_key_data(tree.rng))
+
+
+class _History:
+    """Validation and train-loss records, kept in workdir so a resumed run reports them all."""
+
+    def __init__(self, path: str, resume_step: int) -> None:
+        self.path = path
+        self.validation: list[dict[str, Any]] = []
+        self.train: list[dict[str, Any]] = []
+        if resume_step and os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            self.validation = [r for r in data["validation"] if r["step"] <= resume_step]
+            self.train = [r for r in data["train"] if r["step"] <= resume_step]
+
+    def save(self) -> None:
+        metrics_lib.write_json(self.path, {"validation": self.validation, "train": self.train})
+
+    def final_train_loss(self, names: Sequence[str]) -> list[float | None]:
+        last: dict[str, float] = {}
+        for record in self.train:
+            last.update(record["loss"])
+        return [last.get(name) for name in names]
+
+
+def _flush(pending: list[tuple[int, tuple[int, ...], dict]], writer: Any, history: _History,
+           last_good: int | None, checkpoint_dir: str) -> None:
+    """Fetches pending step metrics, stops on NaN/inf, writes per-block scalars (window means)."""
+    if not pending:
+        return
+    fetched = jax.device_get([metrics for _, _, metrics in pending])
+    for (step, active, _), metrics in zip(pending, fetched):
+        for position, k in enumerate(active):
+            value = float(metrics["loss"][position])
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"distillation loss of block {k} (block{k}) is {value} at step {step}; "
+                    f"the last good checkpoint is step {last_good} in {checkpoint_dir} "
+                    "(lower distill.learning_rates or check the teacher and data)")
+    step, active, _ = pending[-1]
+    scalars, losses = {}, {}
+    for position, k in enumerate(active):
+        mean = lambda key: float(np.mean([m[key][position] for m in fetched]))
+        losses[block_name(k)] = mean("loss")
+        scalars[f"train/block{k}/loss"] = losses[block_name(k)]
+        scalars[f"train/block{k}/grad_norm"] = mean("grad_norm")
+        scalars[f"train/block{k}/lr"] = float(fetched[-1]["lr"][position])
+    writer.write_scalars(step, scalars)
+    history.train.append({"step": step, "loss": losses})
+    pending.clear()
+
+
+def _validate(step: int, evaluate_fn: Callable[[DistillState], np.ndarray], state: DistillState,
+              writer: Any, history: _History, names: Sequence[str]) -> None:
+    losses = evaluate_fn(state)
+    writer.write_scalars(step, {f"val/{name}/loss": float(v) for name, v in zip(names, losses)})
+    history.validation = [r for r in history.validation if r["step"] != step]
+    history.validation.append({"step": step, "loss": [float(v) for v in losses]})
+    logging.info("Step %d validation loss per block: %s", step,
+                 ", ".join(f"{v:.5g}" for v in losses))
+
+
+def compile_train_step(distiller: Distiller, mesh: Mesh, phase: Phase, state: DistillState,
+                       teacher_variables: PyTree, batch_shape: Sequence[int]) -> Callable:
+    """The phase's train step compiled ahead of time (once per distiller, mesh, phase, shape).
+
+    Compiling ahead keeps compile time out of the timing and out of the first step.
+    """
+    cache_key = ("train", mesh, phase.active, phase.start, tuple(batch_shape),
+                 tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(teacher_variables)))
+    if cache_key not in distiller.compiled:
+        step = distiller.jit_train_step(mesh, phase.active, phase.start)
+        images = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.float32,
+                                      sharding=sharding_lib.batch_sharding(mesh))
+        distiller.compiled[cache_key] = step.lower(state, teacher_variables, images).compile()
+    return distiller.compiled[cache_key]
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the step loop needs besides the state (kept together so functions stay short)."""
+
+    distiller: Distiller
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    teacher_variables: PyTree
+    checkpointer: checkpoint_lib.Checkpointer
+    writer: Any
+    history: _History
+    evaluate_fn: Callable[[DistillState], np.ndarray] | None
+    total_steps: int
+    last_good: int | None = None
+    train_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def _after_step(loop: _Loop, step: int, phase_stop: int, state: DistillState,
+                pending: list) -> None:
+    """Logging, the NaN check, validation and checkpointing due after `step`."""
+    config, every = loop.config, loop.config.checkpoint_every_steps
+    save_due = step == loop.total_steps or bool(every and step % every == 0)
+    if save_due or step == phase_stop or step % config.log_every_steps == 0:
+        _flush(pending, loop.writer, loop.history, loop.last_good, loop.checkpointer.directory)
+    if (loop.evaluate_fn and config.val_every_steps and step % config.val_every_steps == 0
+            and step != loop.total_steps):
+        watch = metrics_lib.Stopwatch()
+        _validate(step, loop.evaluate_fn, state, loop.writer, loop.history,
+                  loop.distiller.names)
+        loop.eval_seconds += watch.elapsed()
+    if save_due:
+        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        loop.history.save()
+        loop.last_good = step
+    elif loop.checkpointer.reached_preemption(step):
+        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        loop.checkpointer.wait()
+        loop.history.save()
+        raise SystemExit(f"Preempted at step {step}; checkpoint saved, rerun to resume.")
+
+
+def _run_phases(loop: _Loop, phases: Sequence[Phase], state: DistillState, train_data: Any,
+                start_step: int) -> DistillState:
+    """Runs every phase's remaining steps from `start_step`; returns the final state."""
+    progress = metrics_lib.report_progress(loop.total_steps, loop.writer)
+    batch_shape = (train_data.info.global_batch_size, *train_data.info.image_shape)
+    pending: list = []
+    for phase in phases:
+        if phase.stop <= start_step:
+            continue
+        first = max(phase.start, start_step)
+        watch = metrics_lib.Stopwatch()
+        step_fn = compile_train_step(loop.distiller, loop.mesh, phase, state,
+                                     loop.teacher_variables, batch_shape)
+        loop.compile_seconds += watch.elapsed()
+        batches = train_data.global_batches(first)
+        watch = metrics_lib.Stopwatch()
+        try:
+            for step in range(first + 1, phase.stop + 1):
+                state, metrics = step_fn(state, loop.teacher_variables, next(batches)["image"])
+                pending.append((step, phase.active, metrics))
+                progress(step)
+                _after_step(loop, step, phase.stop, state, pending)
+            jax.block_until_ready(state)
+        finally:
+            loop.train_seconds += watch.elapsed()
+            batches.close()
+    return state
+
+
+def train_supernet(config: ml_collections.ConfigDict, teacher: EfficientNet,
+                   teacher_variables: PyTree, train_data: Any, val_data: Any | None,
+                   workdir: str, mesh: Mesh | None = None,
+                   space: SearchSpace | None = None) -> tuple[dict, dict]:
+    """Distils every supernet block from the frozen teacher; resumes from workdir/checkpoints.
+
+    Args:
+      config: the `distill` section (see `get_default_config`).
+      teacher: the teacher module; `teacher_variables` its frozen variables.
+      train_data: a training `dna_jax.data.Dataset` (batches with 'image').
+      val_data: held-out `Dataset` for the per-block validation loss (at the start, every
+        `val_every_steps` and at the end), or None for no validation.
+      workdir: checkpoints, TensorBoard events, history and figures.json go here.
+      mesh: the device mesh (default: every device on one 'data' axis).
+      space: the search space (default: `get_space(config.space)`).
+
+    Returns:
+      (supernet variables {'block<k>': {'params', 'batch_stats'}} replicated on the mesh,
+       figures: steps, wall/train/compile time, images_per_s, per-block train_loss_final,
+       val_loss_init, val_loss_final, val_loss_ratio, ...; also in workdir/figures.json).
+
+    Raises:
+      ValueError: a bad config value (naming the field) or an unaligned space.
+      NonFiniteLossError: a block's loss became NaN/inf (block and step named; the last good
+        checkpoint is kept).
+      CheckpointError: the checkpoint to resume from cannot be restored.
+    """
+    watch = metrics_lib.Stopwatch()
+    check_config(config)
+    mesh = mesh or sharding_lib.make_mesh()
+    info = train_data.info
+    steps_per_epoch = int(config.steps_per_epoch or info.num_batches)
+    distiller = make_distiller(config, teacher, steps_per_epoch, space)
+    steps_per_block = int(config.num_steps or math.ceil(config.num_epochs * steps_per_epoch))
+    phases = make_phases(config.schedule, distiller.num_blocks, steps_per_block)
+    total_steps = phases[-1].stop
+    teacher_variables = jax.device_put(teacher_variables, NamedSharding(mesh, P()))
+    state = init_state(distiller, config.seed, info.image_shape, mesh)
+
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, CHECKPOINT_SUBDIR),
+        save_every_steps=config.checkpoint_every_steps or total_steps,
+        keep=config.max_checkpoints)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state = _state_from_checkpoint(checkpointer.restore(_checkpoint_tree(state), start_step))
+        logging.info("Resumed distillation from step %d.", start_step)
+    loop = _Loop(distiller, config, mesh, teacher_variables, checkpointer,
+                 metrics_lib.create_writer(workdir),
+                 _History(os.path.join(workdir, HISTORY_FILE), start_step),
+                 _evaluate_fn(distiller, config, mesh, teacher_variables, val_data),
+                 total_steps, last_good=start_step or None)
+    try:
+        with jax.set_mesh(mesh):
+            if loop.evaluate_fn and start_step == 0:
+                _validate(0, loop.evaluate_fn, state, loop.writer, loop.history, distiller.names)
+            state = _run_phases(loop, phases, state, train_data, start_step)
+            if loop.evaluate_fn:
+                _validate(total_steps, loop.evaluate_fn, state, loop.writer, loop.history,
+                          distiller.names)
+            loop.history.save()
+    finally:
+        checkpointer.close()
+        loop.writer.flush()
+    figures = _figures(loop, info, start_step, watch.elapsed())
+    metrics_lib.write_json(os.path.join(workdir, FIGURES_FILE), figures)
+    return state.variables(), figures
+
+
+def _evaluate_fn(distiller: Distiller, config: ml_collections.ConfigDict, mesh: Mesh,
+                 teacher_variables: PyTree, val_data: Any | None
+                 ) -> Callable[[DistillState], np.ndarray] | None:
+    """state -> mean validation MSE per block, on fixed paths; None without val_data."""
+    if val_data is None:
+        logging.warning("No validation data: distillation reports no validation loss.")
+        return None
+    eval_step = distiller.compiled.setdefault(("eval", mesh), distiller.jit_eval_step(mesh))
+    paths = validation_paths(distiller, config.val_num_paths, config.seed)
+    return lambda state: evaluate(eval_step, state, teacher_variables, val_data, paths,
+                                  config.val_num_batches)
+
+
+def _figures(loop: _Loop, info: Any, start_step: int, wall_seconds: float) -> dict[str, Any]:
+    """The run's headline figures (see `train_supernet`)."""
+    names = loop.distiller.names
+    by_step = {r["step"]: r["loss"] for r in loop.history.validation}
+    init, final = by_step.get(0), by_step.get(loop.total_steps)
+    ratio = ([f / i if i else float("inf") for i, f in zip(init, final)]
+             if init and final else None)
+    train_seconds = max(loop.train_seconds - loop.eval_seconds, 1e-9)
+    steps_run = loop.total_steps - start_step
+    return {
+        "schedule": loop.config.schedule, "space": loop.distiller.space.name,
+        "blocks": names, "steps": loop.total_steps, "steps_this_run": steps_run,
+        "resumed_from_step": start_step, "global_batch_size": info.global_batch_size,
+        "devices": int(loop.mesh.devices.size),
+        "train_loss_final": loop.history.final_train_loss(names),
+        "val_loss_init": init, "val_loss_final": final, "val_loss_ratio": ratio,
+        "val_loss_ratio_max": max(ratio) if ratio else None,
+        "val_history": loop.history.validation,
+        "images_per_s": steps_run * info.global_batch_size / train_seconds if steps_run else 0.0,
+        "train_time_s": train_seconds, "compile_time_s": loop.compile_seconds,
+        "wall_time_s": wall_seconds, "checkpoint_dir": loop.checkpointer.directory,
+    }
+
+
+# ---- the supernet artifact ----------------------------------------------------------------
+
+SUPERNET_ITEM = "variables"
+SUPERNET_MANIFEST = "supernet.json"
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, list]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): [list(x.shape), str(np.dtype(x.dtype))]
+            for path, x in leaves}
+
+
+def save_supernet(directory: str, variables: dict) -> None:
+    """Saves supernet variables (Orbax) and a shape manifest, atomically.
+
+    Everything is written to `directory.tmp`, then renamed to `directory` (an older artifact
+    there is replaced only once the new one is complete). Every process calls this.
+    """
+    directory = os.path.abspath(directory)
+    tmp, old = directory + ".tmp", directory + ".old"
+    if jax.process_index() == 0:
+        for path in (tmp, old):
+            shutil.rmtree(path, ignore_errors=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, SUPERNET_ITEM), variables)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(tmp, SUPERNET_MANIFEST), "w") as f:
+        json.dump({"format": "dna_jax.supernet/1", "shapes": _flat_shapes(variables)}, f)
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _shape_differences(found: dict[str, list], expected: dict[str, list]) -> list[str]:
+    problems = [f"missing {key}" for key in expected if key not in found]
+    problems += [f"unexpected {key}" for key in found if key not in expected]
+    problems += [f"{key}: saved {found[key]}, expected {value}"
+                 for key, value in expected.items() if key in found and found[key] != value]
+    return problems
+
+
+def load_supernet(directory: str, distiller_or_abstract: Distiller | PyTree,
+                  mesh: Mesh | None = None) -> dict:
+    """Restores variables written by `save_supernet`.
+
+    Args:
+      directory: the artifact directory.
+      distiller_or_abstract: the Distiller whose supernet is expected, or a tree of arrays /
+        ShapeDtypeStructs with the expected structure, shapes and dtypes.
+      mesh: restore replicated on this mesh (default: on the first device).
+
+    Raises:
+      SupernetCheckpointError: the directory or its manifest is missing, the saved shapes do
+        not match the expected ones (the first differences are named), or Orbax cannot read it.
+    """
+    directory = os.path.abspath(directory)
+    abstract = (distiller_or_abstract.abstract_variables()
+                if isinstance(distiller_or_abstract, Distiller) else distiller_or_abstract)
+    manifest_path = os.path.join(directory, SUPERNET_MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise SupernetCheckpointError(
+            f"no supernet in {directory} (missing {SUPERNET_MANIFEST}); run the distill stage "
+            "or point to its output directory")
+    try:
+        with open(manifest_path) as f:
+            found = json.load(f)["shapes"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SupernetCheckpointError(f"{manifest_path} is corrupt ({error}); "
+                                      "delete the directory and distil again") from error
+    problems = _shape_differences(found, _flat_shapes(abstract))
+    if problems:
+        raise SupernetCheckpointError(
+            f"the supernet in {directory} does not match the expected space/teacher: "
+            + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5
+                                         else ""))
+    sharding = (NamedSharding(mesh, P()) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(os.path.join(directory, SUPERNET_ITEM), target)
+    except Exception as error:  # Orbax raises many types; all mean "unusable".
+        raise SupernetCheckpointError(
+            f"the supernet in {directory} cannot be restored ({type(error).__name__}: "
+            f"{error}); delete it and distil again") from error
+    finally:
+        checkpointer.close()

@@ -1,0 +1,124 @@
+"""Throughput of DNA distillation: the all-blocks step against the original sequential schedule.
+
+Both schedules use the same step function (`dna_jax.distill`) on the same random-weight teacher
+and supernet. The all-blocks step runs the teacher once and trains every block; the sequential
+schedule (the original's) trains one block per step, each with its own teacher forward up to
+the stage that block needs. One image through every block costs one all-blocks step, or one
+step of each block in turn, so
+
+    all_blocks_images_per_s = B / t_all,  sequential_images_per_s = B / sum_k t_k.
+
+Compilation (once per schedule phase) is excluded from the timing. FLOPs per step come from
+XLA's cost analysis of the compiled steps.
+
+Run:
+    .venv/bin/python benchmarks/distill_throughput.py --resolution 128 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dna_jax import distill, sharding  # noqa: E402
+from dna_jax.models import zoo  # noqa: E402
+from dna_jax.models.initialize import init_variables  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per schedule phase")
+    parser.add_argument("--space", default="dna_released", help="dna_released | dna_paper")
+    parser.add_argument("--teacher", default="efficientnet_b7")
+    args = parser.parse_args(argv)
+    if args.resolution < 32 or args.batch_size < 1 or args.steps < 1:
+        parser.error("need --resolution >= 32, --batch-size >= 1, --steps >= 1")
+    return args
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one call of a compiled step from XLA's cost analysis (0 if unavailable)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def time_steps(compiled, state, teacher_variables, images, steps: int):
+    """(seconds per step after one warm-up step, final state)."""
+    state, metrics = compiled(state, teacher_variables, images)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, teacher_variables, images)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - start) / steps, state
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    mesh = sharding.make_mesh()
+    shape = (args.resolution, args.resolution, 3)
+    teacher = zoo.get_model(args.teacher, num_classes=0)
+    watch = time.perf_counter()
+    teacher_variables = init_variables(teacher, jax.random.key(0), jnp.zeros((1, *shape)),
+                                       train=False)
+    teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+    config = distill.get_default_config()
+    config.space = args.space
+    distiller = distill.make_distiller(config, teacher, steps_per_epoch=1000)
+    state = distill.init_state(distiller, 0, shape, mesh)
+    print(f"init (teacher + supernet): {time.perf_counter() - watch:.1f} s", flush=True)
+    images = jax.device_put(
+        np.random.default_rng(0).standard_normal((args.batch_size, *shape), np.float32),
+        sharding.batch_sharding(mesh))
+    batch_shape = images.shape
+    phases = {"all_blocks": distill.Phase(tuple(range(distiller.num_blocks)), 0, 1)}
+    phases.update({f"block{k}": distill.Phase((k,), 0, 1) for k in range(distiller.num_blocks)})
+    seconds, flops, compile_s = {}, {}, {}
+    for name, phase in phases.items():
+        watch = time.perf_counter()
+        compiled = distill.compile_train_step(distiller, mesh, phase, state, teacher_variables,
+                                              batch_shape)
+        compile_s[name] = time.perf_counter() - watch
+        flops[name] = step_flops(compiled)
+        seconds[name], state = time_steps(compiled, state, teacher_variables, images, args.steps)
+        print(f"{name:>10}: compile {compile_s[name]:7.1f} s, step {seconds[name] * 1e3:9.1f} ms,"
+              f" {flops[name] / 1e9:8.2f} GFLOP/step, "
+              f"{flops[name] / seconds[name] / 1e9:7.2f} GFLOP/s", flush=True)
+    sequential_s = sum(seconds[f"block{k}"] for k in range(distiller.num_blocks))
+    sequential_flops = sum(flops[f"block{k}"] for k in range(distiller.num_blocks))
+    figures = {
+        "space": args.space, "teacher": args.teacher, "resolution": args.resolution,
+        "batch_size": args.batch_size, "timed_steps": args.steps,
+        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+        "all_blocks_images_per_s": args.batch_size / seconds["all_blocks"],
+        "sequential_images_per_s": args.batch_size / sequential_s,
+        "ratio": sequential_s / seconds["all_blocks"],
+        "all_blocks_step_s": seconds["all_blocks"], "sequential_block_step_s": {
+            k: v for k, v in seconds.items() if k != "all_blocks"},
+        "all_blocks_flops_per_step": flops["all_blocks"],
+        "sequential_flops_per_image_batch": sequential_flops,
+        "flop_ratio": sequential_flops / flops["all_blocks"] if flops["all_blocks"] else None,
+        "all_blocks_flop_per_s": flops["all_blocks"] / seconds["all_blocks"],
+        "sequential_flop_per_s": sequential_flops / sequential_s,
+        "compile_s": compile_s,
+    }
+    print(json.dumps(figures, sort_keys=True))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""DNA block-wise distillation: supernet paths, masked updates, schedules, resume, sharding.
+
+Everything runs on a tiny space (2 blocks, 3 ops, 16 px images) aligned with a tiny teacher
+whose BatchNorm statistics are calibrated on the data, so its features have a sensible scale.
+Compiled steps are shared between tests: `make_distiller` memoises the Distiller (and with it
+its compiled steps) for equal configs.
+"""
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dna_jax import data as data_lib
+from dna_jax import distill, sharding
+from dna_jax.checkpoint import Checkpointer
+from dna_jax.models.childnet import build_childnet
+from dna_jax.models.efficientnet import EfficientNet
+from dna_jax.models.initialize import init_variables
+from dna_jax.netspec import LayerSpec, NetworkSpec
+from dna_jax.space import Arch, BlockSpec, OpSpec, SearchSpace, get_space
+
+SIZE, BATCH, STEPS = 16, 8, 3
+
+TINY_TEACHER = NetworkSpec.from_strings(
+    "tiny_teacher", 8, [["ds_r1_k3_s1_c8_se0.25"], ["ir_r1_k3_s2_e2_c12_se0.25"],
+                        ["ir_r1_k3_s2_e2_c16_se0.25"]], 32, stem_stride=1)
+# hidden == teacher width, so a supernet path is exactly the child network's layers.
+TINY_SPACE = SearchSpace(
+    name="tiny", blocks=(BlockSpec("block0", 1, 12, 12, 2, 1), BlockSpec("block1", 2, 16, 16, 2, 2)),
+    ops=(OpSpec("mb2_k3", 3, 2), OpSpec("mb2_k5", 5, 2), OpSpec("mb1_k3", 3, 1)),
+    stem_channels=8, stem_stride=1, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
+    head_channels=32, resolution=SIZE)
+
+
+def data_config() -> ml_collections.ConfigDict:
+    cfg = data_lib.get_default_config()
+    cfg.update(source="synthetic", image_size=SIZE, channels=3, batch_size=BATCH,
+               num_examples=64, augment="none", prefetch=0)
+    return cfg
+
+
+def calibrated_teacher(teacher: EfficientNet, images: np.ndarray) -> dict:
+    """Random weights with BatchNorm statistics set to those of `images` (a fixed teacher)."""
+    variables = init_variables(teacher, jax.random.key(7), jnp.zeros((1, SIZE, SIZE, 3)),
+                               train=False)
+    calibrating = teacher.clone(layer_config=dataclasses.replace(teacher.layer_config,
+                                                                 bn_momentum=0.0))
+    _, updates = calibrating.apply(variables, images, True, mutable=["batch_stats"])
+    return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    mesh = sharding.make_mesh()
+    train = data_lib.make_dataset(data_config(), "train", training=True, mesh=mesh)
+    val = data_lib.make_dataset(data_config(), "test", training=False, mesh=mesh)
+    teacher = EfficientNet(TINY_TEACHER, num_classes=0)
+    images = np.concatenate([b["image"] for _, b in zip(range(4), train.host_batches())])
+    teacher_variables = jax.device_put(calibrated_teacher(teacher, images),
+                                       sharding.replicated(mesh))
+    return dict(mesh=mesh, train=train, val=val, teacher=teacher,
+                teacher_variables=teacher_variables)
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    config = distill.get_default_config()
+    config.update(space="tiny", num_steps=STEPS, learning_rates=(0.005,), log_every_steps=1,
+                  checkpoint_every_steps=0, val_num_paths=2)
+    config.update(**overrides)
+    return config
+
+
+def tiny_distiller(tiny, **overrides) -> distill.Distiller:
+    return distill.make_distiller(tiny_config(**overrides), tiny["teacher"],
+                                  tiny["train"].info.num_batches, TINY_SPACE)
+
+
+def host_images(tiny, num: int) -> list[np.ndarray]:
+    return [b["image"] for _, b in zip(range(num), tiny["train"].host_batches())]
+
+
+def run_steps(distiller, mesh, phase, state, teacher_variables, images):
+    """Runs the compiled step of `phase` over host `images`; returns (state, metrics list)."""
+    teacher_variables = jax.device_put(teacher_variables, sharding.replicated(mesh))
+    step = distill.compile_train_step(distiller, mesh, phase, state, teacher_variables,
+                                      images[0].shape)
+    metrics = []
+    for x in images:
+        state, m = step(state, teacher_variables,
+                        jax.device_put(x, sharding.batch_sharding(mesh)))
+        metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+def all_phase(distiller) -> distill.Phase:
+    return distill.Phase(tuple(range(distiller.num_blocks)), 0, STEPS)
+
+
+def test_fixed_path_equals_child_network_layers(tiny):
+    arch = Arch.of([[1], [2, 0]])
+    blocks = distill.build_supernet_blocks(TINY_SPACE, TINY_TEACHER)
+    child = build_childnet(TINY_SPACE, arch, num_classes=0)
+    x = jnp.asarray(host_images(tiny, 1)[0])
+    sv = [init_variables(b, jax.random.key(k), jnp.zeros(shape),
+                         jnp.zeros((b.num_layers,), jnp.int32), train=False)
+          for k, (b, shape) in enumerate(zip(blocks, [(1, SIZE, SIZE, 3), (1, 8, 8, 12)]))]
+    cv = init_variables(child, jax.random.key(9), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+    for collection in ("params", "batch_stats"):  # The child gets the supernet's weights.
+        tree = dict(cv[collection])
+        b0, b1 = sv[0][collection], sv[1][collection]
+        tree["stem"], tree["blocks_0"] = b0["stem"], b0["first"]
+        tree["blocks_1"] = b0["layers_0"]["ops_1"]
+        tree["blocks_2"], tree["blocks_3"] = b1["layers_0"]["ops_2"], b1["layers_1"]["ops_0"]
+        cv[collection] = tree
+    for train in (False, True):
+        kw = dict(mutable=["batch_stats"]) if train else {}
+        child_fn = jax.jit(lambda v, y: child.apply(v, y, 0, None, train,
+                                                    method=EfficientNet.forward_stages, **kw))
+        features = child_fn(cv, x)
+        features = features[0] if train else features
+        block_fns = [jax.jit(lambda v, y, p, b=b: b.apply(v, y, p, train, **kw)) for b in blocks]
+        out0 = block_fns[0](sv[0], x, jnp.asarray([1]))
+        out1 = block_fns[1](sv[1], features["stage1"], jnp.asarray([2, 0]))
+        out0, out1 = (out0[0], out1[0]) if train else (out0, out1)
+        np.testing.assert_allclose(out0, features["stage1"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out1, features["stage2"], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
+    distiller, mesh = tiny_distiller(tiny), tiny["mesh"]
+    state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = run_steps(distiller, mesh, all_phase(distiller), state,
+                               tiny["teacher_variables"], host_images(tiny, STEPS))
+    after = jax.device_get((state.params, state.opt_state))
+    unchanged = changed = 0
+    for k, name in enumerate(distiller.names):
+        sampled = {(l, int(b)) for m in metrics for l, b in enumerate(m["branches"][name])}
+        for group in distill.op_groups(before[0][name]):
+            where = distill.group_branch(group)
+            trees = [distill.op_groups(p[name])[group] for p in (before[0], after[0])]
+            trees += [o[name][group] for o in (before[1], after[1])]
+            same = [all(np.array_equal(a, b) for a, b in
+                        zip(jax.tree.leaves(trees[i]), jax.tree.leaves(trees[i + 1])))
+                    for i in (0, 2)]
+            if where is not None and where not in sampled:
+                assert same == [True, True], f"{name} {group} moved without being sampled"
+                unchanged += 1
+            else:
+                assert same == [False, False], f"{name} {group} was sampled but did not move"
+                changed += 1
+    assert unchanged >= 2 and changed >= 4
+
+
+def test_all_blocks_step_equals_each_block_trained_alone(tiny):
+    distiller, mesh, tv = tiny_distiller(tiny), tiny["mesh"], tiny["teacher_variables"]
+    images = host_images(tiny, 2)
+    init = lambda: distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+    together, m_all = run_steps(distiller, mesh, all_phase(distiller), init(), tv, images)
+    start = init()
+    for phase in distill.make_phases("sequential", distiller.num_blocks, STEPS):
+        (k,) = phase.active
+        at_start = jax.device_put(jnp.int32(phase.start), sharding.replicated(mesh))
+        alone, m_k = run_steps(distiller, mesh, phase, init().replace(step=at_start), tv, images)
+        name = distiller.names[k]
+        for key in ("loss", "grad_norm", "lr"):
+            np.testing.assert_allclose([m[key][0] for m in m_k], [m[key][k] for m in m_all],
+                                       rtol=1e-5, err_msg=f"{name} {key}")
+        for tree in ("params", "batch_stats", "opt_state"):
+            np.testing.assert_allclose(
+                *[jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(getattr(s, tree)[name])])
+                  for s in (alone, together)], rtol=1e-5, atol=1e-7, err_msg=f"{name} {tree}")
+        for other in set(distiller.names) - {name}:  # Inactive blocks are carried unchanged.
+            for a, b in zip(jax.tree.leaves(alone.params[other]),
+                            jax.tree.leaves(start.params[other])):
+                assert np.array_equal(a, b)
+
+
+def test_four_devices_match_one_device(tiny):
+    distiller, tv = tiny_distiller(tiny), tiny["teacher_variables"]
+    images = host_images(tiny, 2)
+    results = []
+    for mesh in (tiny["mesh"], sharding.make_mesh(devices=jax.devices()[:1])):
+        state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+        tvm = jax.device_put(tv, sharding.replicated(mesh))
+        state, metrics = run_steps(distiller, mesh, all_phase(distiller), state, tvm, images)
+        results.append((jax.device_get(state.variables()), metrics))
+    assert tiny["mesh"].devices.size == 4
+    for key in ("loss", "grad_norm"):  # Same math: only the order of the sums differs.
+        np.testing.assert_allclose([m[key] for m in results[0][1]],
+                                   [m[key] for m in results[1][1]], rtol=1e-5)
+    for name in distiller.names:
+        np.testing.assert_allclose(*[jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(
+            r[0][name]["batch_stats"])]) for r in results], rtol=1e-4, atol=1e-6)
+        # Adam's first steps move a weight by about lr * sign(gradient), so a gradient within
+        # rounding of 0 may move either way: all params agree to 5% of one step (lr 0.005),
+        # and 99% of them to rounding.
+        a, b = [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(r[0][name]["params"])])
+                for r in results]
+        np.testing.assert_allclose(a, b, atol=2.5e-4)
+        assert np.mean(np.abs(a - b) <= 1e-5 + 1e-4 * np.abs(b)) >= 0.99
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+class _DyingDataset:
+    """A training Dataset that dies (like a killed job) after `after` batches."""
+
+    def __init__(self, dataset, after: int) -> None:
+        self.info, self._dataset, self._after = dataset.info, dataset, after
+
+    def global_batches(self, start_step: int = 0):
+        for index, batch in enumerate(self._dataset.global_batches(start_step)):
+            if index == self._after:
+                raise _Interrupted(f"killed before step {start_step + index + 1}")
+            yield batch
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
+    config = tiny_config(num_steps=5, checkpoint_every_steps=2, val_every_steps=2)
+    run = lambda data, workdir: distill.train_supernet(
+        config, tiny["teacher"], tiny["teacher_variables"], data, tiny["val"], str(workdir),
+        tiny["mesh"], TINY_SPACE)
+    reference, ref_figures = run(tiny["train"], tmp_path / "straight")
+    with pytest.raises(_Interrupted):
+        run(_DyingDataset(tiny["train"], 3), tmp_path / "killed")
+    assert Checkpointer(str(tmp_path / "killed" / "checkpoints")).latest_step() == 2
+    resumed, figures = run(tiny["train"], tmp_path / "killed")
+    assert figures["resumed_from_step"] == 2 and figures["steps"] == 5
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
+        assert np.array_equal(a, b)
+    assert figures["val_loss_init"] == ref_figures["val_loss_init"]
+    assert [r["step"] for r in figures["val_history"]] == [0, 2, 4, 5]
+    assert figures["val_loss_final"] == pytest.approx(ref_figures["val_loss_final"], rel=1e-6)
+    assert figures["train_loss_final"] == pytest.approx(ref_figures["train_loss_final"])
+
+
+def test_fair_sampling_uses_each_op_once_per_window(tiny):
+    distiller = tiny_distiller(tiny, sampling="fair")
+    rng = jax.random.key(3)
+    for k in range(distiller.num_blocks):
+        sample = jax.jit(lambda step, k=k: distiller.sample_branches(rng, k, step))
+        branches = np.stack([sample(step) for step in range(4 * 3)])  # 4 windows of K = 3.
+        for l in range(branches.shape[1]):
+            windows = branches[:, l].reshape(4, 3)
+            assert all(sorted(w) == [0, 1, 2] for w in windows), windows
+            assert len({tuple(w) for w in windows}) > 1  # Orders differ between windows.
+    uniform = tiny_distiller(tiny)
+    draws = np.stack([uniform.sample_branches(rng, 1, step) for step in range(12)])
+    assert not all(sorted(w) == [0, 1, 2] for w in draws[:, 0].reshape(4, 3))
+
+
+def test_distillation_halves_every_blocks_validation_loss(tiny, tmp_path):
+    config = tiny_config(num_steps=60, learning_rates=(0.02,), log_every_steps=20,
+                         val_num_paths=2)
+    variables, figures = distill.train_supernet(
+        config, tiny["teacher"], tiny["teacher_variables"], tiny["train"], tiny["val"],
+        str(tmp_path), tiny["mesh"], TINY_SPACE)
+    assert len(figures["val_loss_init"]) == 2 and len(figures["val_loss_final"]) == 2
+    assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_loss_ratio"]
+    assert figures["images_per_s"] > 0 and figures["steps"] == 60
+    assert all(np.isfinite(figures["train_loss_final"]))
+    assert os.path.exists(tmp_path / distill.FIGURES_FILE)
+    assert set(variables) == {"block0", "block1"}
+
+
+def test_nan_loss_stops_naming_the_block_and_step(tiny, tmp_path):
+    config = tiny_config(num_steps=2, checkpoint_every_steps=2)
+    args = (tiny["teacher"], tiny["teacher_variables"], tiny["train"], None, str(tmp_path),
+            tiny["mesh"], TINY_SPACE)
+    distill.train_supernet(config, *args)
+    # Poison only the teacher's stage 2 (block 1's target): block 0 stays finite.
+    poisoned = jax.tree.map(np.array, tiny["teacher_variables"])
+    poisoned["batch_stats"]["blocks_2"]["conv_pwl"]["bn"]["mean"][:] = np.nan
+    config.num_steps = 4
+    with pytest.raises(distill.NonFiniteLossError, match=r"block 1 .* at step 3.*step 2"):
+        distill.train_supernet(config, args[0], poisoned, *args[2:])
+    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_sequential_schedule_trains_one_block_at_a_time(tiny, tmp_path):
+    config = tiny_config(schedule="sequential", checkpoint_every_steps=STEPS, max_checkpoints=3)
+    variables, figures = distill.train_supernet(
+        config, tiny["teacher"], tiny["teacher_variables"], tiny["train"], tiny["val"],
+        str(tmp_path), tiny["mesh"], TINY_SPACE)
+    assert figures["steps"] == 2 * STEPS and figures["schedule"] == "sequential"
+    distiller = tiny_distiller(tiny)
+    fresh = distill.init_state(distiller, 0, (SIZE, SIZE, 3), tiny["mesh"])
+    with Checkpointer(str(tmp_path / "checkpoints")) as checkpointer:
+        middle = checkpointer.restore(distill._checkpoint_tree(fresh), STEPS)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in
+                            zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert not same(middle.params["block0"], fresh.params["block0"])
+    assert same(middle.params["block1"], fresh.params["block1"])  # Not trained yet.
+    assert same(variables["block0"]["params"], middle.params["block0"])  # Done after phase 0.
+    assert not same(variables["block1"]["params"], fresh.params["block1"])
+    assert all(np.isfinite(figures["train_loss_final"]))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("schedule", "parallel", "distill.schedule"),
+    ("sampling", "random", "distill.sampling"),
+    ("lr_decay", 0.0, "distill.lr_decay"),
+    ("num_steps", -1, "distill.num_steps"),
+    ("val_num_paths", 0, "distill.val_num_paths"),
+    ("log_every_steps", 0, "distill.log_every_steps"),
+    ("learning_rates", (0.1, -1.0), "distill.learning_rates"),
+])
+def test_bad_config_values_name_the_field(field, value, message):
+    config = distill.get_default_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        distill.check_config(config)
+
+
+def test_bad_per_block_lists_and_unaligned_spaces(tiny):
+    with pytest.raises(ValueError, match="distill.learning_rates has 3 entries for 2 blocks"):
+        tiny_distiller(tiny, learning_rates=(0.1, 0.2, 0.3))
+    with pytest.raises(ValueError, match="distill.optimizer|unknown optax optimizer"):
+        tiny_distiller(tiny, optimizer="adamm")
+    with pytest.raises(ValueError, match="block 0 .* teacher 'tiny_teacher' stage 1"):
+        distill.make_distiller(tiny_config(), tiny["teacher"], 8, get_space("small"))
+
+
+def test_save_and_load_supernet(tiny, tmp_path):
+    distiller = tiny_distiller(tiny)
+    state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), tiny["mesh"])
+    variables = jax.device_get(state.variables())
+    directory = str(tmp_path / "supernet")
+    distill.save_supernet(directory, variables)
+    distill.save_supernet(directory, variables)  # Replacing an artifact is atomic too.
+    assert not os.path.exists(directory + ".tmp")
+    loaded = distill.load_supernet(directory, distiller)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
+        assert np.array_equal(a, b)
+    with pytest.raises(distill.SupernetCheckpointError, match="no supernet"):
+        distill.load_supernet(str(tmp_path / "missing"), distiller)
+    other = dict(variables, block1=variables["block0"])
+    with pytest.raises(distill.SupernetCheckpointError, match="does not match.*block1"):
+        distill.load_supernet(directory, other)
+    import shutil
+    shutil.rmtree(os.path.join(directory, distill.SUPERNET_ITEM))
+    with pytest.raises(distill.SupernetCheckpointError, match="cannot be restored"):
+        distill.load_supernet(directory, distiller)
