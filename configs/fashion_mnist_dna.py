@@ -46,12 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Distillation and rating data: real Fashion-MNIST (offline idx files), 28 px, RGB.
     data = config.data
     data.source = "fashion_mnist"
-    data.image_size = 28
+    data.image_size = 20  # the teacher recipe's resolution (configs/fashion_mnist_teacher.py)
     data.channels = 3
     data.batch_size = 128
     data.eval_batch_size = 500
-    data.augment = "crop_flip"
-    data.crop_padding = 2
+    data.augment = "flip"
     data.train_split = "train[:55000]"
     data.eval_split = "test"
 
@@ -63,10 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Distillation of the `small` space (blocks aligned with fmnist_teacher stages 1..4).
     distill = config.distill
     distill.space = "small"
-    distill.num_epochs = 1.0
+    distill.num_epochs = 0.5
     distill.learning_rates = (0.002, 0.005, 0.005, 0.002)
     distill.lr_decay = 0.9
-    distill.lr_decay_epochs = 0.25
+    distill.lr_decay_epochs = 0.1
     distill.weight_decay = 1e-4
     distill.sampling = "fair"
     distill.padding = "same"
@@ -81,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rate.split = "train[57000:]"
     rate.num_batches = 4
     rate.batch_size = 250
-    rate.cost_resolution = 28
+    rate.cost_resolution = 20
     rate.memory_budget_bytes = 1 << 30
 
     # Search: the best network under half the teacher's multiply-adds.

@@ -25,25 +25,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data.source = "fashion_mnist"  # Offline idx files, /usr/share/datasets/fashion-mnist.
-    config.data.image_size = 20  # 28 px costs 2x more per image on CPU (see the docstring).
+    config.data.image_size = 20  # stride-2 stem: 10 px after it; 28 px costs 2x more
     config.data.channels = 3  # Grayscale tiled to RGB, as an ImageNet-style net expects.
     config.data.batch_size = 128
     config.data.eval_batch_size = 500
-    config.data.augment = "crop_flip"
-    config.data.crop_padding = 2
+    config.data.augment = "flip"
 
     config.model.name = "fmnist_teacher"
     config.model.drop_rate = 0.1
     config.model.drop_path_rate = 0.0
 
     config.optimizer.name = "adamw"
-    config.optimizer.learning_rate = 8e-3
+    config.optimizer.learning_rate = 6e-3
     config.optimizer.lr_base_batch = 256
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 0.05
     config.schedule.name = "cosine"
     config.schedule.warmup_epochs = 0.1
-    config.num_epochs = 1.5
+    config.num_epochs = 2.0
     config.label_smoothing = 0.1
     config.ema_decay = 0.0
     config.log_every_steps = 100

@@ -286,11 +286,11 @@ PRESETS = {
         name="dna_released",
         blocks=_blocks((2, 4, 4, 4, 4, 1), _HIDDEN, _B7_WIDTHS, _STRIDES, False),
         description="DNA released-code default space (6^19)"),
-    # Small images (28-32 px): stride-1 stem, aligned to the zoo's `fmnist_teacher` stages.
+    # Small images (28-32 px): stride-2 stem, aligned to the zoo's `fmnist_teacher` stages.
     "small": lambda: SearchSpace(
         name="small",
         blocks=_blocks((2, 2, 2, 1), (16, 24, 48, 64), (24, 40, 80, 96), (2, 2, 2, 1), False),
-        stem_channels=16, stem_stride=1, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
+        stem_channels=16, stem_stride=2, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
         head_channels=320, resolution=32,
         description="small space for 28-32 px images, aligned with zoo 'fmnist_teacher'"),
     # Seconds-long end-to-end tests: two blocks of two MBConv3 ops, aligned with 'tiny_teacher'.

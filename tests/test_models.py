@@ -11,7 +11,7 @@ from dna_jax.models import zoo
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.initialize import init_variables
 from dna_jax.models.efficientnet import EfficientNet, round_filters, scale_stage_depth
-from dna_jax.models.layers import TORCH_CONFIG, DropPath, LayerConfig, MBConv
+from dna_jax.models.layers import TORCH_CONFIG, ConvBN, DropPath, LayerConfig, MBConv
 from dna_jax.netspec import LayerSpec
 from dna_jax.space import DNA_OPS, Arch, get_space
 
@@ -78,9 +78,14 @@ def test_padding_modes_differ_only_where_they_should(teacher_variables):
     a, fa = jax.jit(same.apply)(variables, x)
     b, fb = jax.jit(sym.apply)(variables, x)
     assert a.shape == b.shape
-    # Stride-1 layers pad identically; the first stride-2 stage does not.
-    np.testing.assert_allclose(fa["stage0"], fb["stage0"], atol=1e-5)
-    assert not np.allclose(fa["stage1"], fb["stage1"], atol=1e-3)
+    # The stride-2 stem on an even input: TF 'same' pads (0, 1), symmetric (1, 1).
+    assert not np.allclose(fa["stem"], fb["stem"], atol=1e-3)
+    # A stride-1 conv pads identically in both modes.
+    conv_same = ConvBN(8, 3, 1, config=LayerConfig(padding="same"))
+    conv_sym = ConvBN(8, 3, 1, config=LayerConfig(padding="symmetric"))
+    conv_vars = conv_same.init(jax.random.key(2), x, False)
+    np.testing.assert_allclose(conv_same.apply(conv_vars, x, False),
+                               conv_sym.apply(conv_vars, x, False), atol=1e-6)
 
 
 def test_forward_stages_composes_to_the_full_forward(teacher_variables):
@@ -138,7 +143,7 @@ def test_childnet_from_arch_runs_and_matches_costs():
     variables = init_variables(model, jax.random.key(0), x)
     logits, features = jax.jit(model.apply)(variables, x)
     assert logits.shape == (2, 10)
-    assert features["stage4"].shape == (2, 4, 4, 64)
+    assert features["stage4"].shape == (2, 2, 2, 64)  # stride-2 stem: 14, 14, 7, 4, 2, 2
     assert param_count(variables["params"]) == costs.network_costs(model.spec, 28, 10).total.params
     with pytest.raises(ValueError, match=r"block 0 \(block0\), layer 1"):
         build_childnet(space, Arch.of([[0, 6], [0, 0], [0, 0], [0]]), 10)
