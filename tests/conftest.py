@@ -1,6 +1,7 @@
 """Test set-up: fake CPU devices must be requested before jax initialises its backends."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -8,3 +9,15 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 # TensorFlow (used by tf.data only) must never grab an accelerator or spam the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Many tests compile the same small programs (tiny teachers, supernet steps, trainers): a
+# persistent compilation cache, shared by the xdist workers, compiles each of them once.
+# $DNA_JAX_TEST_CACHE moves it; set it to '' to compile everything afresh.
+_CACHE = os.environ.get("DNA_JAX_TEST_CACHE",
+                        os.path.join(tempfile.gettempdir(), "dna_jax_test_jax_cache"))
+if _CACHE:
+    import jax  # noqa: E402  (after the XLA flags above)
+
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import pytest
 from jax import lax
-from jax.experimental.compilation_cache import compilation_cache
 
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
@@ -30,21 +29,6 @@ TEACHER_CONFIG = os.path.join(REPO, "configs", "fashion_mnist_teacher.py")
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
     reason="Fashion-MNIST idx files missing (make data installs them)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_once(tmp_path_factory):
-    """The trainer runs below compile the same programs: a persistent cache compiles them once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def _tiny_config(**overrides) -> ml_collections.ConfigDict:
