@@ -591,12 +591,12 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     if status == "complete":
         logging.info("stage %s: complete for this config, skipped (%s)", stage, stage_dir)
         return ctx.figures(stage), "skipped"
+    for upstream in _UPSTREAM[stage]:  # first: a stale upstream is the thing to fix
+        _require_complete(ctx, upstream, stage)
     if status == "changed":
         _changed(ctx, stage, artifacts.read_manifest(stage_dir).get("config", {}),
                  "an artifact")
     _check_started(ctx, stage)
-    for upstream in _UPSTREAM[stage]:
-        _require_complete(ctx, upstream, stage)
     if _is_main_process():
         artifacts.write_json(os.path.join(stage_dir, STARTED_FILE),
                              {"stage": stage, "config_hash": digest,
