@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist_dna
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup setup-port data demo info test test-slow clean
 
