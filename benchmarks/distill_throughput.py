@@ -9,7 +9,9 @@ step of each block in turn, so
     all_blocks_images_per_s = B / t_all,  sequential_images_per_s = B / sum_k t_k.
 
 Compilation (once per schedule phase) is excluded from the timing. FLOPs per step come from
-XLA's cost analysis of the compiled steps.
+XLA's cost analysis of the compiled steps; it counts every branch of the path switches and of
+the masked-update conds, not only the branch taken, so it overstates the work the student
+blocks do (6x for the searchable layers): read the FLOP figures as an upper bound.
 
 Run:
     .venv/bin/python benchmarks/distill_throughput.py --resolution 128 --batch-size 8
@@ -115,6 +117,7 @@ def main(argv=None) -> dict:
         "all_blocks_flop_per_s": flops["all_blocks"] / seconds["all_blocks"],
         "sequential_flop_per_s": sequential_flops / sequential_s,
         "compile_s": compile_s,
+        "flops_note": "XLA cost analysis, all switch branches counted (upper bound)",
     }
     print(json.dumps(figures, sort_keys=True))
     return figures

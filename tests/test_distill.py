@@ -39,9 +39,11 @@ TINY_SPACE = SearchSpace(
 
 
 def data_config() -> ml_collections.ConfigDict:
+    """Real Fashion-MNIST images at 16 px (a random teacher's features of natural images are
+    smooth enough to learn from a few hundred examples; those of noise are not)."""
     cfg = data_lib.get_default_config()
-    cfg.update(source="synthetic", image_size=SIZE, channels=3, batch_size=BATCH,
-               num_examples=64, augment="none", prefetch=0)
+    cfg.update(source="fashion_mnist", image_size=SIZE, channels=3, batch_size=BATCH,
+               augment="none", prefetch=0)
     return cfg
 
 
@@ -55,17 +57,22 @@ def calibrated_teacher(teacher: EfficientNet, images: np.ndarray) -> dict:
     return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def make_tiny() -> dict:
+    """Mesh, data, tiny teacher and its calibrated variables."""
     mesh = sharding.make_mesh()
-    train = data_lib.make_dataset(data_config(), "train", training=True, mesh=mesh)
-    val = data_lib.make_dataset(data_config(), "test", training=False, mesh=mesh)
+    train = data_lib.make_dataset(data_config(), "train[:1024]", training=True, mesh=mesh)
+    val = data_lib.make_dataset(data_config(), "test[:128]", training=False, mesh=mesh)
     teacher = EfficientNet(TINY_TEACHER, num_classes=0)
     images = np.concatenate([b["image"] for _, b in zip(range(4), train.host_batches())])
     teacher_variables = jax.device_put(calibrated_teacher(teacher, images),
                                        sharding.replicated(mesh))
     return dict(mesh=mesh, train=train, val=val, teacher=teacher,
                 teacher_variables=teacher_variables)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -185,26 +192,31 @@ def test_all_blocks_step_equals_each_block_trained_alone(tiny):
 def test_four_devices_match_one_device(tiny):
     distiller, tv = tiny_distiller(tiny), tiny["teacher_variables"]
     images = host_images(tiny, 2)
-    results = []
-    for mesh in (tiny["mesh"], sharding.make_mesh(devices=jax.devices()[:1])):
+    states, metrics = [], []
+    meshes = (tiny["mesh"], sharding.make_mesh(devices=jax.devices()[:1]))
+    assert meshes[0].devices.size == 4 and meshes[1].devices.size == 1
+    for mesh in meshes:
         state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
-        tvm = jax.device_put(tv, sharding.replicated(mesh))
-        state, metrics = run_steps(distiller, mesh, all_phase(distiller), state, tvm, images)
-        results.append((jax.device_get(state.variables()), metrics))
-    assert tiny["mesh"].devices.size == 4
+        state, m = run_steps(distiller, mesh, all_phase(distiller), state, tv, images[:1])
+        states.append(jax.device_get(state.variables()))
+        metrics.append(m)
+        state, m = run_steps(distiller, mesh, all_phase(distiller), state, tv, images[1:])
+        states.append(jax.device_get(state.variables()))
+        metrics.append(m)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
     for key in ("loss", "grad_norm"):  # Same math: only the order of the sums differs.
-        np.testing.assert_allclose([m[key] for m in results[0][1]],
-                                   [m[key] for m in results[1][1]], rtol=1e-5)
-    for name in distiller.names:
-        np.testing.assert_allclose(*[jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(
-            r[0][name]["batch_stats"])]) for r in results], rtol=1e-4, atol=1e-6)
-        # Adam's first steps move a weight by about lr * sign(gradient), so a gradient within
-        # rounding of 0 may move either way: all params agree to 5% of one step (lr 0.005),
-        # and 99% of them to rounding.
-        a, b = [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(r[0][name]["params"])])
-                for r in results]
-        np.testing.assert_allclose(a, b, atol=2.5e-4)
-        assert np.mean(np.abs(a - b) <= 1e-5 + 1e-4 * np.abs(b)) >= 0.99
+        np.testing.assert_allclose([m[key] for m in metrics[0] + metrics[1]],
+                                   [m[key] for m in metrics[2] + metrics[3]], rtol=1e-5)
+    # After one step the BatchNorm statistics (global over the sharded batch) agree closely.
+    np.testing.assert_allclose(flat([v["batch_stats"] for v in states[0].values()]),
+                               flat([v["batch_stats"] for v in states[2].values()]),
+                               rtol=1e-5, atol=1e-6)
+    # Adam moves a weight by about lr * sign(gradient) in its first steps, so a weight whose
+    # gradient is within rounding of 0 may move either way (measured: 6 of 11,878). So: 99.5%
+    # of the params agree to rounding, and none differs by more than the two steps' 2 x lr.
+    a, b = flat(states[1]), flat(states[3])
+    assert np.mean(np.abs(a - b) <= 1e-5 + 1e-4 * np.abs(b)) >= 0.995
+    np.testing.assert_allclose(a, b, rtol=0, atol=2 * 2 * 0.005)
 
 
 class _Interrupted(RuntimeError):
@@ -259,14 +271,15 @@ def test_fair_sampling_uses_each_op_once_per_window(tiny):
 
 
 def test_distillation_halves_every_blocks_validation_loss(tiny, tmp_path):
-    config = tiny_config(num_steps=60, learning_rates=(0.02,), log_every_steps=20,
-                         val_num_paths=2)
+    # Measured: ratios 0.40 / 0.42 after 300 steps at lr 0.02 (0.69 / 0.97 at lr 0.003).
+    config = tiny_config(num_steps=300, learning_rates=(0.02,), log_every_steps=50,
+                         val_every_steps=100, val_num_paths=2)
     variables, figures = distill.train_supernet(
         config, tiny["teacher"], tiny["teacher_variables"], tiny["train"], tiny["val"],
         str(tmp_path), tiny["mesh"], TINY_SPACE)
     assert len(figures["val_loss_init"]) == 2 and len(figures["val_loss_final"]) == 2
-    assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_loss_ratio"]
-    assert figures["images_per_s"] > 0 and figures["steps"] == 60
+    assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_history"]
+    assert figures["images_per_s"] > 0 and figures["steps"] == 300
     assert all(np.isfinite(figures["train_loss_final"]))
     assert os.path.exists(tmp_path / distill.FIGURES_FILE)
     assert set(variables) == {"block0", "block1"}
@@ -293,7 +306,7 @@ def test_sequential_schedule_trains_one_block_at_a_time(tiny, tmp_path):
         str(tmp_path), tiny["mesh"], TINY_SPACE)
     assert figures["steps"] == 2 * STEPS and figures["schedule"] == "sequential"
     distiller = tiny_distiller(tiny)
-    fresh = distill.init_state(distiller, 0, (SIZE, SIZE, 3), tiny["mesh"])
+    fresh = distill.init_state(distiller, config.seed, (SIZE, SIZE, 3), tiny["mesh"])
     with Checkpointer(str(tmp_path / "checkpoints")) as checkpointer:
         middle = checkpointer.restore(distill._checkpoint_tree(fresh), STEPS)
     same = lambda a, b: all(np.array_equal(x, y) for x, y in
@@ -350,3 +363,32 @@ def test_save_and_load_supernet(tiny, tmp_path):
     shutil.rmtree(os.path.join(directory, distill.SUPERNET_ITEM))
     with pytest.raises(distill.SupernetCheckpointError, match="cannot be restored"):
         distill.load_supernet(directory, distiller)
+
+
+@pytest.mark.slow
+def test_distilling_a_fashion_mnist_teacher_halves_validation_loss(tmp_path):
+    """The issue's criterion on real data: a teacher trained here by dna_jax.retrain."""
+    from dna_jax import retrain  # pylint: disable=import-outside-toplevel
+    mesh = sharding.make_mesh()
+    cfg = retrain.get_default_config()
+    cfg.data.update(source="fashion_mnist", image_size=16, channels=3, batch_size=64,
+                    eval_batch_size=256, augment="none")
+    cfg.model.name = "fmnist_teacher"
+    cfg.optimizer.update(name="adamw", learning_rate=3e-3, lr_base_batch=0)
+    cfg.update(total_steps=300, log_every_steps=100, checkpoint_every_steps=300)
+    teacher_figures = retrain.train_and_evaluate(cfg, str(tmp_path / "teacher"), mesh=mesh)
+    assert teacher_figures["test_accuracy"] > 0.6  # It has learnt something.
+    train = data_lib.make_dataset(cfg.data, "train", training=True, mesh=mesh)
+    val = data_lib.make_dataset(cfg.data, "test[:512]", training=False, mesh=mesh)
+    teacher = retrain.build_model(cfg.model, train.info.num_classes)
+    tx = retrain.make_optimizer(cfg.optimizer, retrain.make_schedule(cfg, 300, 1))
+    target = retrain.create_train_state(teacher, tx, train.info.image_shape, mesh, cfg.seed)
+    with Checkpointer(str(tmp_path / "teacher" / "checkpoints")) as checkpointer:
+        trained = checkpointer.restore(target)
+    config = distill.get_default_config()
+    config.update(space="small", num_steps=300, learning_rates=(0.01,), log_every_steps=50,
+                  val_num_paths=2, checkpoint_every_steps=0)
+    _, figures = distill.train_supernet(
+        config, teacher, {"params": trained.params, "batch_stats": trained.batch_stats},
+        train, val, str(tmp_path / "distill"), mesh)
+    assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_loss_ratio"]
