@@ -118,11 +118,15 @@ def stage_status(stage_dir: str, digest: str) -> str:
     return "complete" if manifest.get("config_hash") == digest else "changed"
 
 
+def config_changes(old: Any, new: Any) -> str:
+    """'key: old -> new; ...' for the (first 20) keys that differ between two configs."""
+    changes = _diff(to_jsonable(old), to_jsonable(new))
+    return "; ".join(changes[:20]) or "an upstream stage changed"
+
+
 def describe_change(stage_dir: str, config: Any) -> str:
     """The config keys that differ between an existing artifact and `config`."""
-    manifest = read_json(os.path.join(stage_dir, MANIFEST))
-    changes = _diff(manifest.get("config", {}), to_jsonable(config))
-    return "; ".join(changes[:20]) or "upstream stage changed"
+    return config_changes(read_json(os.path.join(stage_dir, MANIFEST)).get("config", {}), config)
 
 
 def write_manifest(stage_dir: str, stage: str, digest: str, config: Any,

@@ -454,7 +454,7 @@ def run_report(ctx: Context) -> dict[str, Any]:
         "teacher_params": teacher.get("params"), "winner_params": retrain.get("params"),
         "teacher_dna_flops": teacher.get("dna_flops"), "winner_dna_flops": retrain.get("dna_flops"),
         "macs_ratio": _ratio(retrain.get("macs"), teacher.get("macs")),
-        "accuracy_gap": _diff(teacher.get("test_accuracy"), retrain.get("test_accuracy")),
+        "accuracy_gap": _difference(teacher.get("test_accuracy"), retrain.get("test_accuracy")),
         "budget": search.get("budgets"), "search_cost": cost,
         "winner_block_strings": search.get("block_strings"),
         "winner_encoding": search.get("winner", {}).get("encodings"),
@@ -480,7 +480,7 @@ def _ratio(a, b):
     return float(a) / float(b) if a is not None and b else None
 
 
-def _diff(a, b):
+def _difference(a, b):
     return float(a) - float(b) if a is not None and b is not None else None
 
 
@@ -554,9 +554,7 @@ def _check_started(ctx: Context, stage: str) -> None:
 def _changed(ctx: Context, stage: str, old_config: Any, what: str) -> None:
     """Handles an artifact made by another config: stop with the changes, or move it aside."""
     stage_dir = ctx.stage_dir(stage)
-    new = artifacts.to_jsonable(stage_config(ctx.config, stage))
-    changes = artifacts._diff(old_config, new)  # pylint: disable=protected-access
-    detail = "; ".join(changes[:20]) or "an upstream stage changed"
+    detail = artifacts.config_changes(old_config, stage_config(ctx.config, stage))
     if ctx.config.on_change == "rerun":
         if _is_main_process():
             moved = _move_aside(stage_dir)
@@ -575,13 +573,10 @@ def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:
     if status == "missing":
         raise StageError(f"stage {needed_by!r} needs the {stage!r} artifact, but "
                          f"{ctx.stage_dir(stage)} has none: add {stage!r} to config.stages")
-    old = artifacts.read_manifest(ctx.stage_dir(stage)).get("config", {})
-    changes = artifacts._diff(old, artifacts.to_jsonable(  # pylint: disable=protected-access
-        stage_config(ctx.config, stage)))
+    detail = artifacts.describe_change(ctx.stage_dir(stage), stage_config(ctx.config, stage))
     raise artifacts.ConfigChangedError(
         f"stage {needed_by!r} needs the {stage!r} artifact, but {ctx.stage_dir(stage)} was "
-        f"made by another config ({'; '.join(changes[:20]) or 'an upstream stage changed'}): "
-        f"add {stage!r} to config.stages to recompute it")
+        f"made by another config ({detail}): add {stage!r} to config.stages to recompute it")
 
 
 def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
