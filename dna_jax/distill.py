@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import sharding as sharding_lib
+from dna_jax.models import cpu_conv
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
 from dna_jax.models.supernet import SupernetBlock, build_supernet_blocks
@@ -85,6 +86,8 @@ def get_default_config() -> ml_collections.ConfigDict:
       sampling: 'uniform' (a fresh uniform op per layer every step) or 'fair' (each op of
         a layer exactly once in every window of K steps, K = the layer's number of ops).
       teacher_dtype: 'float32' or 'bfloat16' compute for the teacher forward.
+      conv_impl: 'auto' (shifted slices / matmuls on CPU, XLA's convs elsewhere), 'taps' or
+        'xla' (see dna_jax.models.cpu_conv: XLA:CPU's conv gradients are 10-30x slower).
       dtype: compute dtype of the student blocks (parameters stay float32).
       padding, bn_eps, bn_momentum: the student's LayerConfig (Flax momentum convention:
         0.9 is PyTorch's 0.1, the original's).
@@ -112,6 +115,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         loss_weights=(),
         sampling="uniform",
         teacher_dtype="float32",
+        conv_impl="auto",
         dtype="float32",
         padding="same",
         bn_eps=1e-3,
@@ -247,6 +251,7 @@ class Distiller:
       decay_steps: steps between decays.
       loss_weights: weight of each block's MSE in the summed loss.
       sampling: 'uniform' or 'fair'.
+      conv_impl: how convolutions run ('auto': tap convs on CPU, see models.cpu_conv).
     """
 
     space: SearchSpace
@@ -258,6 +263,7 @@ class Distiller:
     decay_steps: int
     loss_weights: tuple[float, ...]
     sampling: str = "uniform"
+    conv_impl: str = "auto"
     # Compiled steps, keyed by (kind, mesh, ...): repeated runs reuse them (see make_distiller).
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False,
                                        repr=False)
@@ -313,12 +319,16 @@ class Distiller:
 
     # -- forward pieces --
 
+    def _apply(self, module: nn.Module) -> Callable:
+        """`module.apply` with the configured convolution implementation."""
+        return cpu_conv.with_tap_convs(module.apply, self.conv_impl)
+
     def teacher_features(self, teacher_variables: PyTree, images: jax.Array,
                          stop: int) -> dict[str, jax.Array]:
         """Teacher stage outputs 0..stop-1 in inference mode, float32, without gradient."""
         teacher_variables = jax.lax.stop_gradient(teacher_variables)
-        features = self.teacher.apply(teacher_variables, images, 0, stop, False,
-                                      method=EfficientNet.forward_stages)
+        features = self._apply(self.teacher)(teacher_variables, images, 0, stop, False,
+                                             method=EfficientNet.forward_stages)
         return {name: jax.lax.stop_gradient(value.astype(jnp.float32))
                 for name, value in features.items()}
 
@@ -426,7 +436,7 @@ class Distiller:
             losses, new_stats = [], {}
             for k, name in zip(active, names):
                 block_input, target = self.block_io(features, images, k)
-                output, updates = self.blocks[k].apply(
+                output, updates = self._apply(self.blocks[k])(
                     {"params": params[name], "batch_stats": state.batch_stats[name]},
                     block_input, self.branches_to_ops(k, branches[name]), True,
                     mutable=["batch_stats"])
@@ -475,7 +485,7 @@ class Distiller:
             sums = []
             for k, name in enumerate(self.names):
                 block_input, target = self.block_io(features, images, k)
-                output = self.blocks[k].apply(
+                output = self._apply(self.blocks[k])(
                     {"params": state.params[name], "batch_stats": state.batch_stats[name]},
                     block_input, path[name], False)
                 sums.append(_mse(output, target, mask)[0])
@@ -528,7 +538,8 @@ def default_learning_rates(num_blocks: int) -> tuple[float, ...]:
 # Config fields that change the Distiller (the math of a step); the others drive the loop.
 DISTILLER_FIELDS = ("space", "learning_rates", "lr_decay", "lr_decay_epochs", "optimizer",
                     "optimizer_kwargs", "weight_decay", "loss_weights", "sampling",
-                    "teacher_dtype", "dtype", "padding", "bn_eps", "bn_momentum")
+                    "teacher_dtype", "conv_impl", "dtype", "padding", "bn_eps",
+                    "bn_momentum")
 _DISTILLERS: dict[Any, Distiller] = {}
 _MAX_DISTILLERS = 8
 
@@ -580,7 +591,8 @@ def _build_distiller(config: ml_collections.ConfigDict, teacher: EfficientNet,
         lr_decay=float(config.lr_decay),
         decay_steps=max(1, round(config.lr_decay_epochs * steps_per_epoch)),
         loss_weights=_per_block(config.loss_weights, num_blocks, (1.0,), "loss_weights"),
-        sampling=config.sampling)
+        sampling=config.sampling,
+        conv_impl=cpu_conv.resolve(config.conv_impl))
 
 
 # ---- the loop -----------------------------------------------------------------------------
