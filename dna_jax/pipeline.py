@@ -67,6 +67,9 @@ def get_default_config() -> ml_collections.ConfigDict:
       on_change: 'error' (default) stops when an artifact was written by another config and
         names the keys that changed; 'rerun' moves the old artifact aside and recomputes.
       seed, distributed, mesh: as in the trainer (dna_jax.retrain).
+      compilation_cache: directory of JAX's persistent compilation cache, so a resumed or
+        repeated run does not compile its steps again (minutes on a CPU); 'auto' =
+        <workdir>/compilation_cache, '' = off. Ignored when the process already has one.
       data: the distillation / rating data (dna_jax.data); `train_split` trains the
         supernet, `distill.val_split` validates it, `rate.split` rates it.
       teacher: `checkpoint` = a teacher checkpoint directory (converted timm weights, see
@@ -84,6 +87,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stages = ",".join(STAGES)
     config.on_change = "error"
+    config.compilation_cache = "auto"
     config.seed = 0
     config.distributed = "auto"
     config.mesh = dict(shape=(-1,), axis_names=("data",), axis_types="auto")
@@ -624,6 +628,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.rate.num_batches and config.rate.batch_size must be >= 1")
 
 
+def _use_compilation_cache(setting: str, workdir: str) -> None:
+    """Turns on JAX's persistent compilation cache unless off or already configured."""
+    if not setting or jax.config.jax_compilation_cache_dir:
+        return
+    path = os.path.join(workdir, "compilation_cache") if setting == "auto" else setting
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    logging.info("persistent compilation cache: %s", path)
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
                  mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Runs the stages named in `config.stages`; returns the run's figures.
@@ -639,6 +653,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
     ctx = Context(config=config, workdir=os.path.abspath(workdir), mesh=mesh,
                   digests=stage_digests(config))
     os.makedirs(ctx.workdir, exist_ok=True)
+    _use_compilation_cache(config.compilation_cache, ctx.workdir)
     ran: dict[str, str] = {}
     figures: dict[str, Any] = {}
     for stage in parse_stages(config.stages):

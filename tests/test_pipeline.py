@@ -173,3 +173,18 @@ def test_main_entry_point_prints_one_json_line(finished):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["stages"] == {"report": "skipped"}
     assert last["teacher_accuracy"] == figures["teacher_accuracy"]
+
+
+def test_compilation_cache_defaults_to_the_workdir_and_never_overrides(tmp_path):
+    """'auto' puts JAX's persistent cache in the workdir; a cache set already is kept."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        pipeline._use_compilation_cache("", str(tmp_path))  # pylint: disable=protected-access
+        assert jax.config.jax_compilation_cache_dir is None
+        pipeline._use_compilation_cache("auto", str(tmp_path))  # pylint: disable=protected-access
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compilation_cache")
+        pipeline._use_compilation_cache("/elsewhere", str(tmp_path))  # pylint: disable=protected-access
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compilation_cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
