@@ -19,10 +19,11 @@ Choices the paper leaves open (REFERENCE.md section 5), recorded here:
     cost: the round-2 student gets the cost of the network that teaches it, so "does the
     student beat its teacher" compares networks of equal cost (a second 0.5 would shrink
     the network again instead of improving it).
-  * winner scaling (`width_multipliers`, `depth_multipliers`) = 1.0 in both rounds: on two
-    shared CPU cores a scaled-up winner retrains for longer than the whole round's budget;
-    EfficientNet-style scaling of the winner is implemented (e.g.
-    `--config.progressive.width_multipliers=1.0,1.4`) and used by configs/imagenet_dna_plus.py.
+  * winner scaling (`width_multipliers`, `depth_multipliers`) = 1.0 in both rounds: a winner
+    scaled by w retrains about w^2 times longer, and two rounds already take about twice the
+    DNA demo's time on two CPU cores. EfficientNet-style scaling of the winner is implemented
+    (e.g. `'--config.progressive.width_multipliers=(1.0,1.4)'`; the `:tiny` variant and
+    configs/imagenet_dna_plus.py use it).
   * stopping rule: round 2 runs only if round 1's winner reaches its teacher's accuracy minus
     one point (`stop_margin` = -0.01): the DNA demo's own target for a half-cost winner.
 Round 1's stage hashes equal configs/fashion_mnist_dna.py's, so a finished DNA demo's stage

@@ -82,6 +82,11 @@ def get_default_config() -> ml_collections.ConfigDict:
         `method` ('exact' or 'beam' with `beam_width`).
       retrain: a full trainer config for the winner (its model section is replaced by the
         searched child network); `inherit_weights` starts it from the supernet's weights.
+        The retrained winner is also saved as a teacher checkpoint in retrain/network.
+    DNA+ rounds (dna_jax.progressive) add to their per-round configs: `teacher.checkpoint`
+    may start with '{workdir}' (this run's workdir), `teacher.align_space` (re-align the
+    space's blocks to the teacher's stages), `teacher.upstream` (the hash of the round that
+    made the teacher), `retrain.width_multiplier` / `depth_multiplier` (scale the winner).
     """
     config = ml_collections.ConfigDict()
     config.stages = ",".join(STAGES)
@@ -182,7 +187,8 @@ class Context:
             return get_space(self.config.distill.space)
         if "space" not in self.cache:
             cfg = self.config.teacher
-            teacher = teacher_lib.teacher_network_spec(cfg.name, cfg.checkpoint or None)
+            teacher = teacher_lib.teacher_network_spec(
+                cfg.name, _teacher_checkpoint_dir(self) if cfg.checkpoint else None)
             self.cache["space"] = align_space(get_space(self.config.distill.space), teacher)
         return self.cache["space"]
 
@@ -198,8 +204,18 @@ def _is_main_process() -> bool:
 # ---- stage: teacher ----------------------------------------------------------------------------
 
 
+WORKDIR_PLACEHOLDER = "{workdir}"  # in teacher.checkpoint: this run's workdir (DNA+ rounds)
+
+
+def resolve_workdir_path(path: str, workdir: str) -> str:
+    """`path` with a leading '{workdir}' replaced by `workdir` (keeps workdirs movable)."""
+    if path.startswith(WORKDIR_PLACEHOLDER):
+        return os.path.normpath(workdir + path[len(WORKDIR_PLACEHOLDER):])
+    return path
+
+
 def _teacher_checkpoint_dir(ctx: Context) -> str:
-    configured = ctx.config.teacher.checkpoint
+    configured = resolve_workdir_path(ctx.config.teacher.checkpoint, ctx.workdir)
     return configured if configured else os.path.join(ctx.stage_dir("teacher"), "checkpoint")
 
 
@@ -229,7 +245,7 @@ def run_teacher(ctx: Context) -> dict[str, Any]:
             result = retrain_lib.evaluate(jax.jit(retrain_lib.make_eval_step(module)),
                                           variables, iter(eval_data))
         figures = {"test_accuracy": result["accuracy"], "test_top5": result["top5"],
-                   "source": "checkpoint", "checkpoint": cfg.checkpoint}
+                   "source": "checkpoint", "checkpoint": _teacher_checkpoint_dir(ctx)}
         resolution = eval_data.info.image_shape[0]
     else:
         train_cfg = cfg.train

@@ -6,7 +6,8 @@ experiment's:
 
   round 1   the configured teacher (trained here or loaded), exactly as a DNA run;
   round r>1 the teacher is round r-1's retrained winner, loaded from
-            `round_<r-1>/retrain/network` (a teacher checkpoint that stores its architecture),
+            `round_<r-1>/retrain/network` (a teacher checkpoint that stores its architecture;
+            `teacher.checkpoint` = '{workdir}/../round_<r-1>/retrain/network'),
             and the space's blocks are re-aligned to its stages (`dna_jax.space.align_space`:
             block k is supervised by the teacher's stage S - B + k, with that stage's width and
             stride), because the winner's stage widths are the space's hidden widths, not the
@@ -113,11 +114,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.stages={config.stages!r}: progressive mode runs every stage "
                          f"of every round ({','.join(pipeline.STAGES)}); run a single round's "
                          "stages with the pipeline on its round_<r> folder instead")
-    pipeline.check_config(round_config(config, 1, "."))
+    pipeline.check_config(round_config(config, 1))
 
 
-def round_config(config: ml_collections.ConfigDict, r: int,
-                 workdir: str) -> ml_collections.ConfigDict:
+def round_config(config: ml_collections.ConfigDict, r: int) -> ml_collections.ConfigDict:
     """The pipeline config of round r (locked): see the module docstring.
 
     Fields are only added where a round differs from a DNA run, so round 1 with multipliers
@@ -139,10 +139,12 @@ def round_config(config: ml_collections.ConfigDict, r: int,
         result.retrain.width_multiplier = width[r - 1]
         result.retrain.depth_multiplier = depth[r - 1]
     if r > 1:
-        previous = round_config(config, r - 1, workdir)
+        previous = round_config(config, r - 1)
         teacher = result.teacher
         teacher.name = pipeline.RETRAINED_NETWORK_NAME
-        teacher.checkpoint = os.path.join(os.path.abspath(round_dir(workdir, r - 1)), "retrain",
+        # Relative to round r's workdir, so a DNA+ workdir can be moved (the path is hashed).
+        teacher.checkpoint = os.path.join(pipeline.WORKDIR_PLACEHOLDER, os.pardir,
+                                          f"round_{r - 1}", "retrain",
                                           pipeline.RETRAINED_NETWORK)
         teacher.num_classes = 0
         teacher.align_space = True
@@ -198,7 +200,10 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
     rows: list[dict[str, Any]] = []
     stop_reason = None
     for r in range(1, cfg.rounds + 1):
-        rcfg = round_config(config, r, workdir)
+        rcfg = round_config(config, r)
+        if r > 1:
+            _check_previous_network(pipeline.resolve_workdir_path(
+                rcfg.teacher.checkpoint, round_dir(workdir, r)), r)
         logging.info("DNA+ round %d/%d -> %s", r, cfg.rounds, round_dir(workdir, r))
         figures = pipeline.run_pipeline(rcfg, round_dir(workdir, r), mesh=mesh)
         figures["retrain_figures"] = artifacts.read_manifest(
@@ -234,6 +239,16 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
                              render_report(summary, config, workdir))
     summary["wall_seconds"] = watch.elapsed()
     return summary
+
+
+def _check_previous_network(checkpoint: str, r: int) -> None:
+    """Round r's teacher must exist: round r-1's retrain stage writes it."""
+    if not os.path.exists(os.path.join(checkpoint, "teacher.json")):
+        raise pipeline.StageError(
+            f"round {r}'s teacher {checkpoint} is missing although round {r - 1} is complete "
+            f"(was round {r - 1}'s retrain stage made by an older dna_jax, without "
+            f"retrain/{pipeline.RETRAINED_NETWORK}?): move round_{r - 1}/retrain and "
+            f"round_{r - 1}/report aside and run again to retrain it")
 
 
 def plot_progress(rows: Sequence[dict[str, Any]], path: str) -> None:

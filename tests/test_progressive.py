@@ -236,14 +236,16 @@ def test_round_configs():
     dna = importlib.util.module_from_spec(dna_spec)
     dna_spec.loader.exec_module(dna)
     # Round 1 is the DNA demo: same stage hashes, so its artifacts can be reused.
-    one = progressive.round_config(config, 1, "/w")
+    one = progressive.round_config(config, 1)
     assert pipeline.stage_digests(one) == pipeline.stage_digests(dna.get_config(None))
-    two = progressive.round_config(config, 2, "/w")
-    assert two.teacher.checkpoint == "/w/round_1/retrain/network"
+    two = progressive.round_config(config, 2)
+    assert two.teacher.checkpoint == "{workdir}/../round_1/retrain/network"
+    assert pipeline.resolve_workdir_path(two.teacher.checkpoint, "/w/round_2") == (
+        "/w/round_1/retrain/network")
     assert two.teacher.align_space and two.search.budget_fraction == 1.0
     # Round 2's hashes follow round 1's: a changed round-1 retrain invalidates round 2.
     changed = plus_config(arg=None, **{"retrain.total_steps": 7})
-    assert (pipeline.stage_digests(progressive.round_config(changed, 2, "/w"))["teacher"]
+    assert (pipeline.stage_digests(progressive.round_config(changed, 2))["teacher"]
             != pipeline.stage_digests(two)["teacher"])
 
 
