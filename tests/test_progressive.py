@@ -213,6 +213,16 @@ def test_stopping_rule_stops_after_round1_and_says_so(finished, tmp_path):
     assert "**Stopped early**" in open(os.path.join(stopped, progressive.REPORT_FILE)).read()
 
 
+def test_missing_previous_network_is_named(finished, tmp_path):
+    workdir, _ = finished
+    old = str(tmp_path / "old")
+    _copy_rounds(workdir, old, ())
+    shutil.rmtree(os.path.join(old, "round_1", "retrain", pipeline.RETRAINED_NETWORK))
+    with pytest.raises(pipeline.StageError, match=r"round 2's teacher .*round_1/retrain/network"):
+        progressive.run_progressive(plus_config(), old)
+    assert not os.path.exists(os.path.join(old, "round_2"))
+
+
 # ---- configuration ----------------------------------------------------------------------------
 
 
