@@ -43,6 +43,7 @@ from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import teacher as teacher_lib
+from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
 STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
@@ -477,7 +478,6 @@ def run_retrain(ctx: Context) -> dict[str, Any]:
 def scale_network_spec(spec, width_multiplier: float, depth_multiplier: float):
     """EfficientNet's compound scaling of any network: widths (stem, every layer, head)
     rounded to multiples of 8, each stage's depth scaled with ceil (timm's rules)."""
-    from dna_jax.models.efficientnet import scaled_network_spec  # pylint: disable=import-outside-toplevel
     scaled = scaled_network_spec(spec.name, spec.to_strings(), width_multiplier,
                                  depth_multiplier, stem_channels=spec.stem_channels,
                                  head_channels=spec.head_channels, stem_stride=spec.stem_stride)

@@ -321,5 +321,5 @@ def render_report(summary: dict[str, Any], config: ml_collections.ConfigDict,
     return "\n".join(lines)
 
 
-__all__ = ["get_default_config", "with_progressive", "is_progressive", "check_config", "round_config",
-           "run_progressive", "plot_progress", "render_report", "round_dir"]
+__all__ = ["get_default_config", "with_progressive", "is_progressive", "check_config",
+           "round_config", "run_progressive", "plot_progress", "render_report", "round_dir"]
