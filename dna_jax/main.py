@@ -5,7 +5,9 @@ r"""Runs the DNA pipeline from a config file: `python -m dna_jax.main --config C
 
 Any config field can be overridden on the command line (`--config.distill.num_epochs=2`). The
 run ends by printing one JSON object with its figures (also in <workdir>/summary.json when the
-report stage ran). The logic lives in dna_jax.pipeline; this file only parses flags.
+report stage ran). A config with a `progressive` section (configs/*_dna_plus.py) runs DNA+
+rounds instead (dna_jax.progressive). The logic lives in dna_jax.pipeline and
+dna_jax.progressive; this file only parses flags.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dna_jax import metrics, pipeline, sharding
+from dna_jax import metrics, pipeline, progressive, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (file.py[:arg]).",
                                           lock_config=True)
@@ -42,7 +44,10 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     sharding.initialize_distributed(config.distributed)
-    figures = pipeline.run_pipeline(config, _WORKDIR.value)
+    if progressive.is_progressive(config):  # DNA+: rounds of the pipeline
+        figures = progressive.run_progressive(config, _WORKDIR.value)
+    else:
+        figures = pipeline.run_pipeline(config, _WORKDIR.value)
     print(metrics.final_line(figures), flush=True)
 
 

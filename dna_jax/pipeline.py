@@ -43,13 +43,16 @@ from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import teacher as teacher_lib
-from dna_jax.space import Arch, SearchSpace, get_space
+from dna_jax.models.efficientnet import scaled_network_spec
+from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
 STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
 ON_CHANGE = ("error", "rerun")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 STARTED_FILE = "started.json"
+RETRAINED_NETWORK = "network"  # retrain/network: the retrained winner, loadable as a teacher
+RETRAINED_NETWORK_NAME = "winner"
 
 
 class StageError(RuntimeError):
@@ -83,6 +86,11 @@ def get_default_config() -> ml_collections.ConfigDict:
         `method` ('exact' or 'beam' with `beam_width`).
       retrain: a full trainer config for the winner (its model section is replaced by the
         searched child network); `inherit_weights` starts it from the supernet's weights.
+        The retrained winner is also saved as a teacher checkpoint in retrain/network.
+    DNA+ rounds (dna_jax.progressive) add to their per-round configs: `teacher.checkpoint`
+    may start with '{workdir}' (this run's workdir), `teacher.align_space` (re-align the
+    space's blocks to the teacher's stages), `teacher.upstream` (the hash of the round that
+    made the teacher), `retrain.width_multiplier` / `depth_multiplier` (scale the winner).
     """
     config = ml_collections.ConfigDict()
     config.stages = ",".join(STAGES)
@@ -178,7 +186,16 @@ class Context:
 
     @property
     def space(self) -> SearchSpace:
-        return get_space(self.config.distill.space)
+        """The configured space; with `teacher.align_space` (DNA+ rounds, added by
+        dna_jax.progressive) its blocks re-aligned to the teacher's stages (`align_space`)."""
+        if not self.config.teacher.get("align_space", False):
+            return get_space(self.config.distill.space)
+        if "space" not in self.cache:
+            cfg = self.config.teacher
+            teacher = teacher_lib.teacher_network_spec(
+                cfg.name, _teacher_checkpoint_dir(self) if cfg.checkpoint else None)
+            self.cache["space"] = align_space(get_space(self.config.distill.space), teacher)
+        return self.cache["space"]
 
     def figures(self, stage: str) -> dict[str, Any]:
         """A completed stage's figures (from its manifest)."""
@@ -192,8 +209,18 @@ def _is_main_process() -> bool:
 # ---- stage: teacher ----------------------------------------------------------------------------
 
 
+WORKDIR_PLACEHOLDER = "{workdir}"  # in teacher.checkpoint: this run's workdir (DNA+ rounds)
+
+
+def resolve_workdir_path(path: str, workdir: str) -> str:
+    """`path` with a leading '{workdir}' replaced by `workdir` (keeps workdirs movable)."""
+    if path.startswith(WORKDIR_PLACEHOLDER):
+        return os.path.normpath(workdir + path[len(WORKDIR_PLACEHOLDER):])
+    return path
+
+
 def _teacher_checkpoint_dir(ctx: Context) -> str:
-    configured = ctx.config.teacher.checkpoint
+    configured = resolve_workdir_path(ctx.config.teacher.checkpoint, ctx.workdir)
     return configured if configured else os.path.join(ctx.stage_dir("teacher"), "checkpoint")
 
 
@@ -223,7 +250,7 @@ def run_teacher(ctx: Context) -> dict[str, Any]:
             result = retrain_lib.evaluate(jax.jit(retrain_lib.make_eval_step(module)),
                                           variables, iter(eval_data))
         figures = {"test_accuracy": result["accuracy"], "test_top5": result["top5"],
-                   "source": "checkpoint", "checkpoint": cfg.checkpoint}
+                   "source": "checkpoint", "checkpoint": _teacher_checkpoint_dir(ctx)}
         resolution = eval_data.info.image_shape[0]
     else:
         train_cfg = cfg.train
@@ -429,15 +456,51 @@ def run_retrain(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.config.retrain
     module, variables, arch = export_lib.load_exported(
-        os.path.join(ctx.stage_dir("search"), "winner"))
+        os.path.join(ctx.stage_dir("search"), "winner"), space=ctx.space)
+    # DNA+ rounds (dna_jax.progressive) may scale the winner before retraining it.
+    width, depth = cfg.get("width_multiplier", 1.0), cfg.get("depth_multiplier", 1.0)
+    if (width, depth) != (1.0, 1.0):
+        if cfg.inherit_weights:
+            raise StageError("retrain.inherit_weights needs retrain.width_multiplier and "
+                             f"depth_multiplier 1 (got {width}, {depth}): a scaled network "
+                             "has no supernet weights")
+        module = module.clone(spec=scale_network_spec(module.spec, width, depth))
     module = module.clone(drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     init = variables if cfg.inherit_weights else None
-    figures = retrain_lib.train_and_evaluate(cfg, ctx.stage_dir("retrain"), model=module,
-                                             init_variables=init, mesh=ctx.mesh)
+    figures, trained = retrain_lib.train_and_evaluate(
+        cfg, ctx.stage_dir("retrain"), model=module, init_variables=init, mesh=ctx.mesh,
+        return_variables=True)
     resolution = int(cfg.data.image_size) or _resolution(ctx)
     figures.update(_network_cost_figures(module.spec, resolution, module.num_classes))
     figures["arch"] = arch.to_json(ctx.space)
+    figures["width_multiplier"], figures["depth_multiplier"] = width, depth
+    figures["block_strings"] = module.spec.to_strings()
+    _save_retrained_network(ctx, module, trained, resolution)
     return figures
+
+
+def scale_network_spec(spec, width_multiplier: float, depth_multiplier: float):
+    """EfficientNet's compound scaling of any network: widths (stem, every layer, head)
+    rounded to multiples of 8, each stage's depth scaled with ceil (timm's rules)."""
+    scaled = scaled_network_spec(spec.name, spec.to_strings(), width_multiplier,
+                                 depth_multiplier, stem_channels=spec.stem_channels,
+                                 head_channels=spec.head_channels, stem_stride=spec.stem_stride)
+    return dataclasses.replace(scaled, stem_kernel=spec.stem_kernel)
+
+
+def _save_retrained_network(ctx: Context, module, variables, resolution: int) -> None:
+    """retrain/network: the retrained winner as a teacher checkpoint (architecture stored),
+    the next DNA+ round's teacher; single-process runs only (like the trained teacher)."""
+    if jax.process_count() > 1:
+        logging.warning("retrain: %s is not written in multi-process runs", RETRAINED_NETWORK)
+        return
+    spec = dataclasses.replace(module.spec, name=RETRAINED_NETWORK_NAME)
+    teacher_lib.save_teacher(
+        os.path.join(ctx.stage_dir("retrain"), RETRAINED_NETWORK), spec.name,
+        jax.device_get(variables), int(module.num_classes),
+        source={"trained_by": "dna_jax.pipeline retrain", "config_hash": ctx.digests["retrain"]},
+        preprocessing={"resolution": resolution}, overwrite=True, spec=spec,
+        layer_config=module.layer_config)
 
 
 # ---- stage: report -----------------------------------------------------------------------------

@@ -265,6 +265,59 @@ class SearchSpace:
         }
 
 
+def align_space(space: SearchSpace, teacher: NetworkSpec) -> SearchSpace:
+    """`space` with its blocks re-aligned to the stages of `teacher` (DNA+ rounds).
+
+    The rule generalises the presets' tables (e.g. `small` with `fmnist_teacher`, the paper's
+    spaces with EfficientNet-B7): the B blocks are supervised by the teacher's LAST B stages,
+    one block per stage (block k by stage S - B + k of S), so each block's input is the
+    previous block's teacher stage and block 0 also covers the teacher's stem and earlier
+    stages through the student's own stem and first layer. From the teacher's architecture
+    each block takes
+      out_channels:  the supervising stage's output width (the supernet's last layer maps to
+                     it; the child network keeps the space's `hidden_channels`),
+      stride:        the stage's change of resolution (block 0: the teacher's cumulative
+                     stride at its stage over the student's stem and first layer),
+      teacher_stage: the stage index,
+    so the supernet's block outputs have the teacher features' width and resolution. The
+    space keeps its name when the child networks are unchanged (same strides).
+
+    Raises:
+      ValueError: the teacher has too few stages, or a stage changes the resolution by a
+        factor other than 1 or 2 (naming the block and the stage).
+    """
+    num_blocks, num_stages = len(space.blocks), len(teacher.stages)
+    first = num_stages - num_blocks
+    if first < 1:
+        raise ValueError(f"space {space.name!r} has {num_blocks} blocks: it needs a teacher with "
+                         f"at least {num_blocks + 1} stages, teacher {teacher.name!r} has "
+                         f"{num_stages}")
+    cumulative = teacher.stage_strides()
+    widths = teacher.stage_channels
+    before = space.stem_stride * space.first_layer.stride
+    blocks = []
+    for k, block in enumerate(space.blocks):
+        stage = first + k
+        previous = before if k == 0 else cumulative[stage - 1]
+        stride, remainder = divmod(cumulative[stage], previous)
+        if remainder or stride not in (1, 2):
+            raise ValueError(
+                f"block {k} ({block.name}) would be aligned with teacher {teacher.name!r} stage "
+                f"{stage} (cumulative stride {cumulative[stage]}), which is "
+                f"{cumulative[stage] / previous:g}x the resolution step of the block's input "
+                f"(stride {previous}); a block's stride must be 1 or 2")
+        blocks.append(dataclasses.replace(block, out_channels=widths[stage], stride=stride,
+                                          teacher_stage=stage))
+    if tuple(blocks) == space.blocks:
+        return space
+    same_children = all(a.stride == b.stride for a, b in zip(blocks, space.blocks))
+    return dataclasses.replace(
+        space, blocks=tuple(blocks),
+        name=space.name if same_children else f"{space.name}@{teacher.name}",
+        description=(f"{space.description}; blocks aligned with teacher {teacher.name!r} "
+                     f"stages {first}..{num_stages - 1}"))
+
+
 def _blocks(depths, hidden, teacher, strides, allow_skip, teacher_stage_offset=1):
     return tuple(BlockSpec(name=f"block{i}", num_layers=d, hidden_channels=h, out_channels=t,
                            stride=s, teacher_stage=i + teacher_stage_offset, allow_skip=allow_skip)

@@ -9,6 +9,11 @@ A teacher checkpoint is a directory:
 `load_teacher` rebuilds the module from the zoo, checks the checkpoint against it (names, shapes,
 dtypes, layer options) and fails with one error naming the path and every problem. Nothing here
 needs torch: timm weights are converted once by `python -m dna_jax.porting.timm`.
+
+A teacher need not be a zoo network: `save_teacher(..., spec=NetworkSpec)` stores the
+architecture itself in teacher.json (`network`: stem, timm block strings per stage, head), so
+any trained network, e.g. a DNA+ round's retrained winner, can teach; `load_teacher` rebuilds
+it from there.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from dna_jax.models import zoo
+from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
+from dna_jax.netspec import NetworkSpec
 
 FORMAT = "dna_jax.teacher/1"
 METADATA_FILE = "teacher.json"
@@ -48,6 +55,37 @@ class TeacherCheckpointError(ValueError):
 def layer_config_dict(config: LayerConfig) -> dict[str, Any]:
     """The numeric options of a LayerConfig that weights depend on (JSON-friendly)."""
     return {"padding": config.padding, "bn_eps": config.bn_eps, "act": config.act}
+
+
+def network_spec_to_dict(spec: NetworkSpec) -> dict[str, Any]:
+    """A NetworkSpec as JSON: stem, timm block strings per stage, head."""
+    return {"name": spec.name, "stem_channels": spec.stem_channels,
+            "stem_stride": spec.stem_stride, "stem_kernel": spec.stem_kernel,
+            "head_channels": spec.head_channels, "stages": spec.to_strings()}
+
+
+def network_spec_from_dict(data: Mapping[str, Any]) -> NetworkSpec:
+    """Inverse of `network_spec_to_dict`."""
+    spec = NetworkSpec.from_strings(str(data["name"]), int(data["stem_channels"]),
+                                    [list(stage) for stage in data["stages"]],
+                                    int(data["head_channels"]),
+                                    stem_stride=int(data["stem_stride"]))
+    return dataclasses.replace(spec, stem_kernel=int(data.get("stem_kernel", 3)))
+
+
+def _layer_config_from_dict(data: Mapping[str, Any]) -> LayerConfig:
+    return LayerConfig(padding=data["padding"], bn_eps=float(data["bn_eps"]), act=data["act"])
+
+
+def teacher_network_spec(name: str, checkpoint_dir: str | os.PathLike | None = None
+                         ) -> NetworkSpec:
+    """The architecture of a teacher: stored in its checkpoint, else the zoo network `name`."""
+    if checkpoint_dir:
+        metadata = read_teacher_metadata(checkpoint_dir)
+        if "network" in metadata:
+            return network_spec_from_dict(metadata["network"])
+        name = str(metadata["model"])
+    return zoo.get_network_spec(name)
 
 
 def expected_variables(model: nn.Module) -> dict[str, Any]:
@@ -88,7 +126,8 @@ def _versions() -> dict[str, str]:
 def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str, Any],
                  num_classes: int, source: Mapping[str, Any] | None = None,
                  preprocessing: Mapping[str, Any] | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, spec: NetworkSpec | None = None,
+                 layer_config: LayerConfig | None = None) -> dict[str, Any]:
     """Writes a teacher checkpoint after checking `variables` against the zoo network.
 
     The directory is assembled under a temporary name beside `directory` and renamed into
@@ -103,6 +142,9 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
       source: JSON-friendly description of where the weights came from.
       preprocessing: input expectations (resolution, mean, std) for the pipeline.
       overwrite: replace an existing directory instead of failing.
+      spec: the architecture, for a network that is not in the zoo (stored in teacher.json
+        under `network`; `name` is then only its name).
+      layer_config: the network's layer options (default: the zoo's for `name`).
 
     Returns:
       The metadata written to teacher.json.
@@ -117,8 +159,11 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"teacher checkpoint {directory} already exists (pass overwrite)")
-    layer_config = zoo.default_layer_config(name)
-    model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
+    layer_config = layer_config or zoo.default_layer_config(name)
+    if spec is not None:
+        model = EfficientNet(spec=spec, num_classes=num_classes, layer_config=layer_config)
+    else:
+        model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
     variables = {c: flax.core.unfreeze(variables.get(c, {})) for c in COLLECTIONS}
     problems = compare_shapes(flat_shapes(variables), flat_shapes(expected_variables(model)),
                               "variables")
@@ -134,6 +179,8 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
         "preprocessing": dict(preprocessing or {}),
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if spec is not None:
+        metadata["network"] = network_spec_to_dict(spec)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
@@ -183,6 +230,13 @@ def read_teacher_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 def _check_metadata(metadata: Mapping[str, Any], name: str, num_classes: int,
                     layer_config: LayerConfig) -> list[str]:
     problems = []
+    if "network" in metadata:  # a stored architecture: it is what the name refers to
+        if name and name != metadata["model"]:
+            problems.append(f"it holds the network {metadata['model']!r}, {name!r} requested")
+        if metadata["num_classes"] != num_classes:
+            problems.append(f"it has {metadata['num_classes']} classes, {num_classes} "
+                            "requested")
+        return problems
     try:
         stored_spec = zoo.get_network_spec(str(metadata["model"]))
     except ValueError:
@@ -207,7 +261,8 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
 
     Args:
       name: zoo name of the teacher (e.g. 'tf_efficientnet_b0'); it must be the architecture
-        and layer options the checkpoint was made for.
+        and layer options the checkpoint was made for. For a checkpoint that stores its
+        architecture (`save_teacher(spec=...)`), the stored network's name, or '' for any.
       checkpoint_dir: the checkpoint directory.
       num_classes: classifier outputs expected (default: whatever the checkpoint holds).
       sharding: sharding of every restored array (e.g. replicated over the mesh); default:
@@ -225,14 +280,21 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
     directory = os.path.abspath(os.fspath(checkpoint_dir))
     metadata = read_teacher_metadata(directory)
     num_classes = metadata["num_classes"] if num_classes is None else num_classes
-    layer_config = zoo.default_layer_config(name)
+    stored_network = "network" in metadata
+    layer_config = (_layer_config_from_dict(metadata["layer_config"]) if stored_network
+                    else zoo.default_layer_config(name))
     problems = _check_metadata(metadata, name, num_classes, layer_config)
     if problems:
         raise TeacherCheckpointError(f"teacher checkpoint {directory} does not fit {name}:\n  "
                                      + "\n  ".join(problems))
     if dtype is not None:
         layer_config = dataclasses.replace(layer_config, dtype=dtype)
-    model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
+    if stored_network:
+        model = EfficientNet(spec=network_spec_from_dict(metadata["network"]),
+                             num_classes=num_classes, layer_config=layer_config)
+        name = name or str(metadata["model"])
+    else:
+        model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
     expected = expected_variables(model)
     variables_dir = os.path.join(directory, VARIABLES_DIR)
     if not os.path.isdir(variables_dir):
@@ -276,4 +338,5 @@ def teacher_preprocessing(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["TeacherCheckpointError", "save_teacher", "load_teacher", "read_teacher_metadata",
-           "teacher_preprocessing", "expected_variables", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "teacher_preprocessing", "teacher_network_spec", "network_spec_to_dict",
+           "network_spec_from_dict", "expected_variables", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import pipeline
+from dna_jax import pipeline, progressive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -15,6 +15,8 @@ VARIANTS = {
     "fashion_mnist_teacher.py": [None, "tiny"],
     "imagenet_dna.py": [None, "gpu1", "gpu8", "tpu_v4_32", "tpu_v4_32,space=released"],
     "cifar10_dna.py": [None],
+    "fashion_mnist_dna_plus.py": [None, "tiny"],
+    "imagenet_dna_plus.py": [None, "gpu1", "gpu8,space=released"],
 }
 
 
@@ -40,6 +42,12 @@ def test_config_loads_locked_and_valid(name, arg):
     if "stages" in config:
         pipeline.check_config(config)
         pipeline.stage_digests(config)
+    if progressive.is_progressive(config):  # every round's config passes the pipeline's checks
+        progressive.check_config(config)
+        for r in range(1, config.progressive.rounds + 1):
+            round_config = progressive.round_config(config, r)
+            pipeline.check_config(round_config)
+            pipeline.stage_digests(round_config)
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
