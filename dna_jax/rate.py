@@ -587,11 +587,11 @@ class BlockRater:
             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
             self._replicated)
         self.leaf_params = jax.device_put(leaf.params, self._replicated)
-        # Raters of the same block, mesh, compile options and leaf reduction share their
-        # jitted functions.
+        # Raters of the same block, mesh and compile options share their jitted functions
+        # (leaf functions also need the same leaf reduction).
         signature = (block.space, block.block_index, block.in_channels, block.config,
                      self.mesh, self.config.conv_impl, self.config.fast_compile,
-                     self.config.max_traces, leaf.name)
+                     self.config.max_traces)
         if signature not in _SHARED_FUNCTIONS:
             _SHARED_FUNCTIONS[signature] = ({}, collections.Counter(), next(_RATER_IDS))
         self._functions, self.trace_counts, self._uid = _SHARED_FUNCTIONS[signature]
@@ -884,7 +884,7 @@ class BlockRater:
 
     def _function(self, kind: str, part: str, level: int = -1, op: int = -1,
                   leaf: bool = False) -> Callable:
-        key = (kind, part, level, op, leaf)
+        key = (kind, part, level, op, leaf) + ((self.leaf.name,) if leaf else ())
         if key not in self._functions:
             body, in_specs, out_specs = self._body(kind, part, level, op, leaf)
             body = cpu_conv.with_tap_convs(body, self.config.conv_impl)
