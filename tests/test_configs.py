@@ -15,6 +15,8 @@ VARIANTS = {
     "fashion_mnist_teacher.py": [None, "tiny"],
     "imagenet_dna.py": [None, "gpu1", "gpu8", "tpu_v4_32", "tpu_v4_32,space=released"],
     "cifar10_dna.py": [None],
+    "fashion_mnist_dna_pp.py": [None, "tiny"],
+    "imagenet_dna_pp.py": [None, "gpu1", "tpu_v4_32", "tpu_v4_32,space=released"],
 }
 
 
