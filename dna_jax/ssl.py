@@ -586,7 +586,7 @@ class SelfSupervised:
                 "projector": ema(old_target["projector"], new["projector"], momentum)}
             metrics, batch_stats[name], target_stats[name] = aux[name]
             records.append({**metrics, "lr": lr, "momentum": momentum,
-                            "grad_norm": optax.global_norm(grads[name])})
+                            "grad_norm": optax.tree.norm(grads[name])})
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   target_params=target_params, target_batch_stats=target_stats,
                                   opt_state=opt_state)
