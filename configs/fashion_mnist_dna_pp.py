@@ -102,7 +102,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rate.batch_size = 250
     rate.cost_resolution = 20
     rate.memory_budget_bytes = 1 << 30
-    rate.rank_metric = "mse"  # unused by DNA++ (its score is the SSL loss); a valid name
 
     # Search: the DNA demo's budget, as an absolute number (no teacher here).
     config.search.cost = "macs"

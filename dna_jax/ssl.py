@@ -770,7 +770,8 @@ def rate_ssl_block(trainer: SelfSupervised, k: int, supernet: Mapping[str, PyTre
       ssl_variables: {'online_heads', 'target'} (`SSLState.ssl_variables`).
       views: float [2, R, B, H, W, C] two fixed views of the R rating batches (images).
       recal_views: [2, B_r, H, W, C] views of the recalibration batch ('recalibrate' mode).
-      config: a `rate` config (bn_mode, memory budget, conv_impl, ...).
+      config: a `rate` config (bn_mode, memory budget, conv_impl, fast_compile; its
+        rank_metric does not apply: the score is the SSL loss).
       prefix_paths: op indices of the chosen paths of blocks < k (the feeding chain).
       encodings: candidates (default: every candidate of the block).
       mesh: devices (default: all).

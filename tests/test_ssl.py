@@ -20,7 +20,7 @@ from dna_jax import data as data_lib
 from dna_jax import distill, pipeline, rate, search, sharding, ssl
 from dna_jax.data import views
 from dna_jax.netspec import LayerSpec
-from dna_jax.space import BlockSpec, OpSpec, SearchSpace
+from dna_jax.space import BlockSpec, OpSpec, SearchSpace, get_space
 
 SIZE, BATCH, PATHS, RUN_STEPS = 16, 16, 2, 40
 SPACE = SearchSpace(
@@ -176,6 +176,48 @@ def test_colour_augmentations_on_rgb_stay_in_range():
     np.testing.assert_allclose(gray[..., 0], gray[..., 1], atol=1e-4)
 
 
+def test_two_view_batches_from_tfds_mock_cifar10():
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    cfg = data_lib.get_default_config()
+    cfg.update(source="tfds", name="cifar10", image_size=16, download=True, batch_size=8,
+               shuffle_buffer=64, prefetch=1, num_parallel_calls=1)
+    augment = views.get_default_config()
+    augment.update(jitter_prob=1.0, blur_prob=(1.0, 1.0), solarize_prob=(0.0, 1.0))
+    with tfds.testing.mock_data(num_examples=24):
+        make = lambda: views.make_view_dataset(cfg, "train", augment, 4, seed=0)  # noqa: E731
+        batch = next(make().host_batches(0))["views"]
+        again = next(make().host_batches(0))["views"]
+    assert batch.shape == (8, 4, 16, 16, 3) and batch.dtype == np.float32
+    mean = np.asarray(views.tfds_source.IMAGENET_MEAN, np.float32)
+    pixels = batch * np.asarray(views.tfds_source.IMAGENET_STD, np.float32) + mean
+    assert pixels.min() >= -1e-2 and pixels.max() <= 255 + 1e-2
+    np.testing.assert_allclose(batch, again, atol=1e-5)  # stateless: same seed, same views
+    assert np.abs(batch[:, 0] - batch[:, 1]).mean() > 0.05
+
+
+def test_pipeline_checks_dna_pp_configs(tmp_path):
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location(
+        "fashion_mnist_dna_pp", os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    assert pipeline.parse_stages(config.stages) == list(pipeline.SSL_STAGES)
+    digests = pipeline.stage_digests(config)
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.ssl.num_paths = 3  # the ssl config reaches every later stage's hash
+    assert all(pipeline.stage_digests(changed)[s] != digests[s] for s in pipeline.SSL_STAGES)
+    for field, value, match in [("stages", "teacher,ssl,rate", "supervision"),
+                                ("supervision", "self", "config.supervision"),
+                                ("ssl.schedule", "parallel", "ssl.schedule")]:
+        bad = ml_collections.ConfigDict(config.to_dict())
+        section, _, key = field.rpartition(".")
+        (bad[section] if section else bad)[key] = value
+        with pytest.raises(ValueError, match=match):
+            pipeline.run_pipeline(bad, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 # ---- the step: masked updates, a short run -----------------------------------------------------
 
 
@@ -312,8 +354,7 @@ def test_dna_pp_pipeline_end_to_end(tmp_path):
     assert not os.path.exists(tmp_path / "teacher") and not os.path.exists(tmp_path / "distill")
     assert 0.0 <= figures["winner_accuracy"] <= 1.0 and figures["winner_macs"] > 0
     assert figures["supervision"] == "ssl" and len(figures["ssl_loss_final"]) == 2
-    tables = search.load_space_tables(str(tmp_path / "rate"), config.ssl.space and
-                                      pipeline.Context(config, str(tmp_path), None, {}).space,
+    tables = search.load_space_tables(str(tmp_path / "rate"), get_space(config.ssl.space),
                                       resolution=16)
     assert [len(t.score) for t in tables] == [2, 4]
     again = pipeline.run_pipeline(config, str(tmp_path))
