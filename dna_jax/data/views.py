@@ -211,11 +211,12 @@ def view_batches(images: np.ndarray, labels: np.ndarray, *, local_batch_size: in
 # ---- TensorFlow (TFDS sources) -----------------------------------------------------------------
 
 
-def _tf_view(image: Any, seed: Any, kind: int, size: int, cfg: Any) -> Any:
+def _tf_view(image: Any, seed: Any, kind: int, size: int, channels: int, cfg: Any) -> Any:
     """One view of a float 0..255 [H, W, C] image with stateless TF ops."""
     tf = tfds_source.import_tf()
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 12))
     image = tfds_source._random_resized_crop(image, seeds[0], size, cfg.crop_min_area)  # pylint: disable=protected-access
+    image = tf.ensure_shape(image, (size, size, channels))
     flip = tf.random.stateless_uniform([], seeds[1]) < cfg.flip_prob
     image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
@@ -257,7 +258,7 @@ def _tf_view(image: Any, seed: Any, kind: int, size: int, cfg: Any) -> Any:
     image = tf.cond(chance(seeds[9], cfg.blur_prob[kind]), lambda: blur(image), lambda: image)
     image = tf.cond(chance(seeds[10], cfg.solarize_prob[kind]),
                     lambda: tf.where(image >= 128.0, 255.0 - image, image), lambda: image)
-    return tf.ensure_shape(image, (size, size, image.shape[-1]))
+    return tf.ensure_shape(image, (size, size, channels))
 
 
 def tfds_view_batches(builder: Any, split: Any, *, data_cfg: Any, local_batch_size: int,
@@ -283,7 +284,7 @@ def tfds_view_batches(builder: Any, split: Any, *, data_cfg: Any, local_batch_si
             image = tf.cast(tfds_source._to_channels(image, channels), tf.float32)  # pylint: disable=protected-access
             example_seed = tf.random.experimental.stateless_fold_in(base, index)
             views = [_tf_view(image, tf.random.experimental.stateless_fold_in(example_seed, v),
-                              v % 2, size, cfg) for v in range(num_views)]
+                              v % 2, size, channels, cfg) for v in range(num_views)]
             views = (tf.stack(views) - tf.constant(mean, tf.float32)) / tf.constant(
                 std, tf.float32)
             return {"views": views, "label": tf.cast(example["label"], tf.int32)}
