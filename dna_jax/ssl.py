@@ -512,23 +512,28 @@ class SelfSupervised:
         name = distill.block_name(k)
         target = state.target_params[name]
         stats, target_stats = state.batch_stats[name], state.target_batch_stats[name]
-        predictions, projections, targets = [], [], []
-        for p, x in enumerate(inputs):
-            y, stats = self._block(k, params["block"], stats, x, branches[p])
+
+        def one_path(carry, path):  # one path's online and target forward
+            stats, target_stats = carry
+            x, path_branches = path
+            y, stats = self._block(k, params["block"], stats, x, path_branches)
             z = self.projector.apply({"params": params["projector"]}, global_pool(y))
-            projections.append(z)
-            predictions.append(self.predictor.apply({"params": params["predictor"]}, z))
-            y_t, target_stats = self._block(k, target["block"], target_stats, x, branches[p])
-            targets.append(self.projector.apply({"params": target["projector"]},
-                                                global_pool(y_t)))
-        centre = jax.lax.stop_gradient(ensemble_target(jnp.stack(targets)))  # [2B, D]
+            q = self.predictor.apply({"params": params["predictor"]}, z)
+            y_t, target_stats = self._block(k, target["block"], target_stats, x, path_branches)
+            t = self.projector.apply({"params": target["projector"]}, global_pool(y_t))
+            return (stats, target_stats), (z, q, t)
+
+        # A scan over the paths compiles the block once, not P times; the BatchNorm running
+        # statistics are carried from path to path as in a loop.
+        (stats, target_stats), (projections, predictions, targets) = jax.lax.scan(
+            one_path, (stats, target_stats), (jnp.stack(list(inputs)), branches))
+        centre = jax.lax.stop_gradient(ensemble_target(targets))  # [2B, D]
         half = centre.shape[0] // 2
         swapped = jnp.concatenate([centre[half:], centre[:half]], axis=0)
-        byol = jnp.mean(jnp.stack([2.0 * jnp.mean(cosine_loss(q, swapped))
-                                   for q in predictions]))
-        guards = [collapse_guards(z[:half], self.variance_target) for z in projections]
-        guards += [collapse_guards(z[half:], self.variance_target) for z in projections]
-        variance, covariance, output_std = (jnp.mean(jnp.stack(g)) for g in zip(*guards))
+        byol = 2.0 * jnp.mean(cosine_loss(predictions, swapped[None]))  # mean over paths
+        views = jnp.concatenate([projections[:, :half], projections[:, half:]], axis=0)
+        guards = jax.vmap(lambda z: collapse_guards(z, self.variance_target))(views)
+        variance, covariance, output_std = (jnp.mean(g) for g in guards)
         loss = (byol + self.variance_weight * variance + self.covariance_weight * covariance)
         aux = {"loss": loss, "byol_loss": byol, "variance": variance, "covariance": covariance,
                "output_std": output_std}
