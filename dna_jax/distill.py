@@ -221,6 +221,53 @@ def make_optimizer(name: str, weight_decay: float = 0.0,
     return base
 
 
+def on_path(branches: jax.Array, layer: int, branch: int) -> jax.Array:
+    """Whether branch `branch` of layer `layer` is on the path `branches` [L], or on any of
+    the paths `branches` [P, L] (DNA++ trains several paths per step)."""
+    return jnp.any(jnp.atleast_2d(branches)[:, layer] == branch)
+
+
+def optimizer_step(optimizer: optax.GradientTransformation, params: PyTree, grads: PyTree,
+                   opt_state: PyTree, lr: jax.Array) -> tuple[PyTree, PyTree]:
+    """One update of a learning-rate-free optimizer, scaled by the scheduled `lr`."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = jax.tree.map(lambda w, u: w + (lr * u).astype(w.dtype), params, updates)
+    return params, opt_state
+
+
+def masked_block_update(optimizer: optax.GradientTransformation,
+                        choice_table: Sequence[np.ndarray], params: PyTree, grads: PyTree,
+                        opt_state: PyTree, branches: jax.Array, lr: jax.Array
+                        ) -> tuple[PyTree, PyTree]:
+    """Optimizer update of one supernet block in which ops off the path(s) keep their
+    parameters and optimizer state bitwise (`lax.cond`: not even computed).
+
+    Args:
+      optimizer: learning-rate-free optax transformation, applied per op group.
+      choice_table: legal op indices of each layer (a layer with one choice is always on).
+      params, grads: the block's parameters and gradients.
+      opt_state: {group name: optimizer state} (see `op_groups`).
+      branches: int [L] branch positions of the path, or [P, L] of P paths (an op moves
+        if any path takes it).
+      lr: the scheduled learning rate.
+    """
+    param_groups, grad_groups = op_groups(params), op_groups(grads)
+    new_params, new_opt = {}, {}
+    for group, group_params in param_groups.items():
+
+        def update(operands):
+            return optimizer_step(optimizer, *operands, lr)
+
+        operands = (group_params, grad_groups[group], opt_state[group])
+        where = group_branch(group)
+        if where is None or len(choice_table[where[0]]) == 1:
+            new_params[group], new_opt[group] = update(operands)
+        else:
+            new_params[group], new_opt[group] = jax.lax.cond(
+                on_path(branches, *where), update, lambda o: (o[0], o[2]), operands)
+    return merge_groups(new_params), new_opt
+
+
 def _mse(student: jax.Array, teacher: jax.Array, mask: jax.Array | None = None
          ) -> tuple[jax.Array, jax.Array]:
     """(sum over examples of the per-example MSE, number of examples), masked if given."""
@@ -388,25 +435,8 @@ class Distiller:
     def _update_block(self, k: int, params: PyTree, grads: PyTree, opt_state: PyTree,
                       branches: jax.Array, lr: jax.Array) -> tuple[PyTree, PyTree]:
         """Masked optimizer update of block k: ops off the path keep params and state."""
-        param_groups, grad_groups = op_groups(params), op_groups(grads)
-        new_params, new_opt = {}, {}
-        for group, group_params in param_groups.items():
-
-            def update(operands, group=group):
-                p, g, s = operands
-                updates, s = self.optimizer.update(g, s, p)
-                p = jax.tree.map(lambda w, u: w + (lr * u).astype(w.dtype), p, updates)
-                return p, s
-
-            operands = (group_params, grad_groups[group], opt_state[group])
-            where = group_branch(group)
-            if where is None or len(self.choice_table(k)[where[0]]) == 1:
-                new_params[group], new_opt[group] = update(operands)
-            else:
-                layer, branch = where
-                new_params[group], new_opt[group] = jax.lax.cond(
-                    branches[layer] == branch, update, lambda o: (o[0], o[2]), operands)
-        return merge_groups(new_params), new_opt
+        return masked_block_update(self.optimizer, self.choice_table(k), params, grads,
+                                   opt_state, branches, lr)
 
     def train_step(self, state: DistillState, teacher_variables: PyTree, images: jax.Array,
                    active: Sequence[int] | None = None, start_step: int = 0

@@ -10,6 +10,10 @@ Each stage reads its predecessors' artifacts and writes its own under `workdir/<
   retrain/   the retrained winner (checkpoints, TensorBoard, figures.json)
   report/    summary.json, report.md and the plots
 
+DNA++ (`supervision='ssl'`, dna_jax.ssl) has no teacher: its `ssl/` stage trains the supernet
+by self-supervision and replaces teacher and distill; rate scores candidates by their SSL
+loss; search, retrain and report follow unchanged (the search budget is then absolute).
+
 A stage ends by writing `manifest.json` (its config hash, figures, versions, time), last and
 atomically. On a re-run a stage whose manifest has the same hash is skipped; a stage that was
 started but not finished resumes (its own checkpoints or per-block files); a stage whose
@@ -42,11 +46,15 @@ from dna_jax import rate as rate_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
+from dna_jax import ssl as ssl_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
 STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
+SSL_STAGES = ("ssl", "rate", "search", "retrain", "report")  # DNA++: no teacher
+STAGE_ORDER = ("teacher", "distill", "ssl", "rate", "search", "retrain", "report")
+SUPERVISIONS = ("teacher", "ssl")
 ON_CHANGE = ("error", "rerun")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -87,6 +95,8 @@ def get_default_config() -> ml_collections.ConfigDict:
       retrain: a full trainer config for the winner (its model section is replaced by the
         searched child network); `inherit_weights` starts it from the supernet's weights.
         The retrained winner is also saved as a teacher checkpoint in retrain/network.
+      supervision: 'teacher' (DNA: teacher -> distill) or 'ssl' (DNA++: the `ssl` stage,
+        configured by the `ssl` section, dna_jax.ssl.get_default_config; stages SSL_STAGES).
     DNA+ rounds (dna_jax.progressive) add to their per-round configs: `teacher.checkpoint`
     may start with '{workdir}' (this run's workdir), `teacher.align_space` (re-align the
     space's blocks to the teacher's stages), `teacher.upstream` (the hash of the round that
@@ -114,6 +124,8 @@ def get_default_config() -> ml_collections.ConfigDict:
                          beam_width=1024)
     config.retrain = retrain_lib.get_default_config()
     config.retrain.inherit_weights = False
+    config.supervision = "teacher"
+    config.ssl = ssl_lib.get_default_config()
     return config
 
 
@@ -121,17 +133,19 @@ def parse_stages(text: str | Sequence[str]) -> list[str]:
     """'rate,search' -> ['rate', 'search'] in pipeline order; unknown names are an error."""
     names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
     names = [s for s in names if s]
-    unknown = [s for s in names if s not in STAGES]
+    unknown = [s for s in names if s not in STAGE_ORDER]
     if unknown or not names:
         raise ValueError(f"config.stages: unknown stage(s) {unknown or names!r}; choose from "
-                         f"{', '.join(STAGES)} (comma-separated)")
-    return [s for s in STAGES if s in names]
+                         f"{', '.join(STAGES)} (DNA) or {', '.join(SSL_STAGES)} (DNA++) "
+                         "(comma-separated)")
+    return [s for s in STAGE_ORDER if s in names]
 
 
 # What each stage reads: its config sections and the stages upstream of it.
 _SECTIONS = {
     "teacher": ("teacher", "seed"),
     "distill": ("data", "distill", "seed"),
+    "ssl": ("data", "ssl", "seed"),
     "rate": ("data", "rate", "distill.space"),
     "search": ("search",),
     "retrain": ("retrain",),
@@ -145,6 +159,22 @@ _UPSTREAM = {
     "retrain": ("search",),
     "report": ("teacher", "distill", "rate", "search", "retrain"),
 }
+_SSL_UPSTREAM = {  # DNA++: the ssl stage takes the place of teacher and distill
+    "ssl": (), "rate": ("ssl",), "search": ("rate",), "retrain": ("search",),
+    "report": ("ssl", "rate", "search", "retrain"),
+}
+
+
+def is_ssl(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config runs DNA++ (self-supervised blocks, no teacher)."""
+    return config.get("supervision", "teacher") == "ssl"
+
+
+def upstream_stages(config: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
+    """The stages whose artifacts `stage` reads, for this config's supervision."""
+    if is_ssl(config):
+        return _SSL_UPSTREAM.get(stage, ())
+    return _UPSTREAM.get(stage, ())
 
 
 def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -162,9 +192,11 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any
 def stage_digests(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Config hash of every stage: its own sections plus its upstream stages' hashes."""
     digests: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
+        if stage == "ssl" and "ssl" not in config:
+            continue
         digests[stage] = artifacts.config_hash(stage, stage_config(config, stage),
-                                               [digests[u] for u in _UPSTREAM[stage]])
+                                               [digests[u] for u in upstream_stages(config, stage)])
     return digests
 
 
@@ -189,17 +221,22 @@ class Context:
         """The configured space; with `teacher.align_space` (DNA+ rounds, added by
         dna_jax.progressive) its blocks re-aligned to the teacher's stages (`align_space`)."""
         if not self.config.teacher.get("align_space", False):
-            return get_space(self.config.distill.space)
+            return get_space(space_name(self.config))
         if "space" not in self.cache:
             cfg = self.config.teacher
             teacher = teacher_lib.teacher_network_spec(
                 cfg.name, _teacher_checkpoint_dir(self) if cfg.checkpoint else None)
-            self.cache["space"] = align_space(get_space(self.config.distill.space), teacher)
+            self.cache["space"] = align_space(get_space(space_name(self.config)), teacher)
         return self.cache["space"]
 
     def figures(self, stage: str) -> dict[str, Any]:
         """A completed stage's figures (from its manifest)."""
         return artifacts.read_manifest(self.stage_dir(stage)).get("figures", {})
+
+
+def space_name(config: ml_collections.ConfigDict) -> str:
+    """The search space: `ssl.space` for DNA++, else `distill.space`."""
+    return config.ssl.space if is_ssl(config) else config.distill.space
 
 
 def _is_main_process() -> bool:
@@ -307,6 +344,8 @@ def _distiller(ctx: Context) -> distill_lib.Distiller:
 
 
 def load_stage_supernet(ctx: Context) -> dict[str, Any]:
+    if is_ssl(ctx.config):
+        return load_stage_ssl(ctx)[0]
     if "supernet" not in ctx.cache:
         ctx.cache["supernet"] = distill_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx),
                                                          mesh=ctx.mesh)
@@ -344,6 +383,8 @@ def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
 def run_rate(ctx: Context) -> dict[str, Any]:
     """Rates every candidate (or `rate.num_candidates` sampled ones) of every block."""
+    if is_ssl(ctx.config):
+        return run_ssl_rate(ctx)
     module, teacher_variables = load_stage_teacher(ctx)
     distiller = _distiller(ctx)
     images, recal = rating_images(ctx)
@@ -384,6 +425,9 @@ def search_budgets(ctx: Context) -> dict[str, float]:
     if not budget:
         if not 0 < cfg.budget_fraction:
             raise StageError("set search.budget (absolute) or search.budget_fraction > 0")
+        if is_ssl(ctx.config):
+            raise StageError("DNA++ has no teacher to take search.budget_fraction of: set an "
+                             "absolute search.budget")
         teacher_cost = ctx.figures("teacher").get(cfg.cost)
         if teacher_cost is None:
             raise StageError(f"search.cost={cfg.cost!r}: the teacher has no such cost "
@@ -401,7 +445,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
     cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
     tables = load_tables(ctx)
-    teacher_figures = ctx.figures("teacher")
+    teacher_figures = {} if is_ssl(ctx.config) else ctx.figures("teacher")
     num_classes = _teacher_classes(ctx)
     fixed = search_lib.space_fixed_costs(space, _resolution(ctx), num_classes)
     budgets = search_budgets(ctx)
@@ -439,6 +483,8 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
 
 def _teacher_classes(ctx: Context) -> int:
+    if is_ssl(ctx.config):  # DNA++: the classes of the data the ssl stage trained on
+        return int(ctx.figures("ssl")["num_classes"])
     module, _ = load_stage_teacher(ctx)
     return int(module.num_classes)
 
@@ -509,10 +555,11 @@ def _save_retrained_network(ctx: Context, module, variables, resolution: int) ->
 def run_report(ctx: Context) -> dict[str, Any]:
     """summary.json and report.md: every stage's headline figures in one place."""
     stage_dir = ctx.stage_dir("report")
-    teacher, search, retrain = (ctx.figures(s) for s in ("teacher", "search", "retrain"))
-    rate, distill = ctx.figures("rate"), ctx.figures("distill")
+    ssl = is_ssl(ctx.config)
+    search, retrain, rate = (ctx.figures(s) for s in ("search", "retrain", "rate"))
+    teacher, distill = ({}, {}) if ssl else (ctx.figures("teacher"), ctx.figures("distill"))
     walls = {s: artifacts.read_manifest(ctx.stage_dir(s)).get("wall_seconds")
-             for s in STAGES if s != "report"}
+             for s in (SSL_STAGES if ssl else STAGES) if s != "report"}
     cost = ctx.config.search.cost
     summary = {
         "teacher_accuracy": teacher.get("test_accuracy"),
@@ -532,6 +579,8 @@ def run_report(ctx: Context) -> dict[str, Any]:
         "stage_wall_seconds": walls,
         "wall_seconds": float(sum(v for v in walls.values() if v)),
     }
+    if ssl:
+        summary.update(ssl_report_figures(ctx))
     for name in ("pareto_front.png", "score_histograms.png"):
         source = os.path.join(ctx.stage_dir("search"), name)
         if os.path.exists(source) and _is_main_process():
@@ -561,7 +610,7 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
     """The human-readable report (markdown)."""
     lines = [
         f"# DNA run: {os.path.abspath(ctx.workdir)}", "",
-        f"Space `{ctx.config.distill.space}` ({ctx.space.size():,} architectures), "
+        f"Space `{space_name(ctx.config)}` ({ctx.space.size():,} architectures), "
         f"budget {summary['budget']}.", "",
         "| | teacher | winner |", "|---|---|---|",
         f"| test accuracy | {_fmt(summary['teacher_accuracy'], '.4f')} | "
@@ -582,6 +631,10 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
             lines.append(f"| {name} | {', '.join(best['ops'])} | {best['score']:.4f} |")
     lines += ["", f"Candidates rated: {summary['candidates_rated']}. Distillation validation "
               f"loss, final / initial per block: {summary['distill_val_loss_ratio']}.", "",
+              *([f"DNA++ (no teacher, {summary.get('ssl_schedule')} schedule): final SSL "
+                 f"loss per block {summary.get('ssl_loss_final')}, output std "
+                 f"{summary.get('ssl_output_std_final')} (1 = spread, 0 = collapsed).", ""]
+                if summary.get("supervision") == "ssl" else []),
               "![Pareto front](report/pareto_front.png)", "",
               "![Score histograms](report/score_histograms.png)", "",
               "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
@@ -591,9 +644,90 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- DNA++ stages: ssl, and the SSL-aware rating ---------------------------------------------
+
+
+def _ssl_trainer(ctx: Context, steps_per_epoch: int = 1) -> ssl_lib.SelfSupervised:
+    return ssl_lib.make_trainer(ctx.config.ssl, steps_per_epoch, ctx.space)
+
+
+def ssl_rating_views(ctx: Context) -> tuple[np.ndarray, np.ndarray | None]:
+    """(two fixed views of the R rating batches [2, R, B, H, W, C], two views of the
+    recalibration batch [2, B, H, W, C] or None in 'batch' mode), seeded by `config.seed`."""
+    cfg = ctx.config
+    from dna_jax.data import views as views_lib  # pylint: disable=import-outside-toplevel
+    views = views_lib.fixed_views(cfg.data, cfg.rate.split, cfg.ssl.augment,
+                                  cfg.rate.num_batches, cfg.rate.batch_size, cfg.seed)
+    recal = None
+    if cfg.rate.bn_mode == "recalibrate":
+        recal = views_lib.fixed_views(cfg.data, cfg.data.train_split, cfg.ssl.augment, 1,
+                                      cfg.data.batch_size, cfg.seed + 1)[:, 0]
+    return views, recal
+
+
+def run_ssl(ctx: Context) -> dict[str, Any]:
+    """DNA++: trains the supernet blocks by self-supervision (dna_jax.ssl), no teacher."""
+    from dna_jax.data import views as views_lib  # pylint: disable=import-outside-toplevel
+    cfg, stage_dir = ctx.config, ctx.stage_dir("ssl")
+    train_data = views_lib.make_view_dataset(cfg.data, cfg.data.train_split, cfg.ssl.augment,
+                                             2 * cfg.ssl.num_paths, mesh=ctx.mesh,
+                                             seed=cfg.seed)
+    rate_block = None
+    if cfg.ssl.schedule == "sequential":
+        views, recal = ssl_rating_views(ctx)
+        rate_block = ssl_lib.make_block_rater(views, recal, cfg.rate, ctx.mesh,
+                                              os.path.join(stage_dir, "ratings"))
+    state, _, figures = ssl_lib.train_ssl_supernet(cfg.ssl, train_data, stage_dir, ctx.mesh,
+                                                   ctx.space, rate_block)
+    ssl_lib.save_ssl_artifact(stage_dir, state)
+    ctx.cache["ssl"] = (state.supernet_variables(), state.ssl_variables())
+    figures["num_classes"] = int(train_data.info.num_classes)
+    return figures
+
+
+def load_stage_ssl(ctx: Context) -> tuple[dict, dict]:
+    """(supernet variables, ssl variables) of the ssl stage, loaded once per run."""
+    if "ssl" not in ctx.cache:
+        ctx.cache["ssl"] = ssl_lib.load_ssl_artifact(ctx.stage_dir("ssl"), _ssl_trainer(ctx),
+                                                     mesh=ctx.mesh)
+    return ctx.cache["ssl"]
+
+
+def run_ssl_rate(ctx: Context) -> dict[str, Any]:
+    """DNA++ rating: every candidate's SSL loss against the population centre, block by
+    block (block k fed through the best paths of blocks < k); DNA's tables."""
+    supernet, ssl_variables = load_stage_ssl(ctx)
+    views, recal = ssl_rating_views(ctx)
+    watch = metrics_lib.Stopwatch()
+    paths, chosen = ssl_lib.rate_ssl_blocks(_ssl_trainer(ctx), supernet, ssl_variables, views,
+                                            recal, ctx.config.rate, ctx.stage_dir("rate"),
+                                            ctx.mesh)
+    blocks = {}
+    for (_, summary_path), block in zip(paths, ctx.space.blocks):
+        summary = artifacts.read_json(summary_path)
+        blocks[block.name] = {"candidates": summary["candidates"],
+                              "best": summary["top_k"][0] if summary["top_k"] else None,
+                              "seconds": summary["rating"].get("seconds")}
+    trained_with = ctx.figures("ssl").get("chosen_paths") or []
+    return {"blocks": blocks, "candidates": sum(b["candidates"] for b in blocks.values()),
+            "seconds": watch.elapsed(), "rating_batches": int(views.shape[1]),
+            "batch_size": int(views.shape[2]), "best_paths": chosen,
+            "same_paths_as_training": chosen[:len(trained_with)] == trained_with}
+
+
+def ssl_report_figures(ctx: Context) -> dict[str, Any]:
+    """The DNA++ figures of the summary: loss curve ends, output std, schedule."""
+    figures = ctx.figures("ssl")
+    return {"supervision": "ssl", "ssl_schedule": figures.get("schedule"),
+            "ssl_loss_final": figures.get("loss_final"),
+            "ssl_output_std_final": figures.get("output_std_final"),
+            "ssl_loss_ratio": [b.get("loss_ratio") for b in figures.get("blocks", {}).values()],
+            "ssl_train_seconds": figures.get("train_time_s")}
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "teacher": run_teacher, "distill": run_distill, "rate": run_rate, "search": run_search,
-    "retrain": run_retrain, "report": run_report,
+    "retrain": run_retrain, "report": run_report, "ssl": run_ssl,
 }
 
 
@@ -653,7 +787,7 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     if status == "complete":
         logging.info("stage %s: complete for this config, skipped (%s)", stage, stage_dir)
         return ctx.figures(stage), "skipped"
-    for upstream in _UPSTREAM[stage]:  # first: a stale upstream is the thing to fix
+    for upstream in upstream_stages(ctx.config, stage):  # first: a stale upstream is the thing to fix
         _require_complete(ctx, upstream, stage)
     if status == "changed":
         _changed(ctx, stage, artifacts.read_manifest(stage_dir).get("config", {}),
@@ -676,10 +810,20 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails early, naming the field, on values the stages would only reject much later."""
-    parse_stages(config.stages)
+    stages = parse_stages(config.stages)
     if config.on_change not in ON_CHANGE:
         raise ValueError(f"config.on_change must be one of {ON_CHANGE}, got {config.on_change!r}")
-    get_space(config.distill.space)
+    if config.get("supervision", "teacher") not in SUPERVISIONS:
+        raise ValueError(f"config.supervision must be one of {SUPERVISIONS}, got "
+                         f"{config.supervision!r}")
+    allowed = SSL_STAGES if is_ssl(config) else STAGES
+    if set(stages) - set(allowed):
+        raise ValueError(f"config.stages: {sorted(set(stages) - set(allowed))} do not belong "
+                         f"to supervision={config.get('supervision', 'teacher')!r} (its "
+                         f"stages: {', '.join(allowed)})")
+    if is_ssl(config):
+        ssl_lib.check_config(config.ssl)
+    get_space(space_name(config))
     rate_lib.check_config(config.rate)
     if config.search.method not in ("exact", "beam"):
         raise ValueError(f"config.search.method must be 'exact' or 'beam', got "

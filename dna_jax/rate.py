@@ -463,6 +463,29 @@ def _batch_errors(student: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.stack([jnp.mean(jnp.square(diff), axes), jnp.mean(jnp.abs(diff), axes)], -1)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafReduction:
+    """How the evaluator reduces a candidate's block output at a leaf of the trie.
+
+    The default compares the output with the teacher's (`TEACHER_ERRORS`); DNA++
+    (`dna_jax.ssl`) plugs in projection heads and a self-supervised loss instead.
+
+    Attributes:
+      name: identifies `fn` in the compile cache: two reductions with the same name must
+        compute the same function (encode any static setting of `fn` in it).
+      fn: `(y [A, G, B, ...] block outputs, target [G, ...] the walk's slice of the rating
+        targets, params) -> float32 [A, G, M]`, M values per candidate and rating batch.
+      params: a pytree of arrays `fn` reads (replicated on the mesh), e.g. head weights.
+    """
+
+    name: str
+    fn: Callable[[jax.Array, jax.Array, PyTree], jax.Array]
+    params: PyTree = None
+
+
+TEACHER_ERRORS = LeafReduction("teacher_errors", lambda y, t, params: _batch_errors(y, t))
+
+
 # ---- the result of rating one block ------------------------------------------------------------
 
 
@@ -549,8 +572,9 @@ class BlockRater:
     """
 
     def __init__(self, block: SupernetBlock, variables: PyTree, config: Any = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, leaf: LeafReduction = TEACHER_ERRORS):
         self.block = block
+        self.leaf = leaf
         self.config = config if config is not None else get_default_config()
         check_config(self.config)
         self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
@@ -562,7 +586,9 @@ class BlockRater:
         self.variables = jax.device_put(
             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
             self._replicated)
-        # Raters of the same block, mesh and compile options share their jitted functions.
+        self.leaf_params = jax.device_put(leaf.params, self._replicated)
+        # Raters of the same block, mesh and compile options share their jitted functions
+        # (leaf functions also need the same leaf reduction).
         signature = (block.space, block.block_index, block.in_channels, block.config,
                      self.mesh, self.config.conv_impl, self.config.fast_compile,
                      self.config.max_traces)
@@ -575,7 +601,7 @@ class BlockRater:
 
     def rate(self, inputs: Any, targets: Any, recal_inputs: Any = None,
              encodings: np.ndarray | None = None) -> BlockRating:
-        """Rates `encodings` (default: every candidate of the block).
+        """Rates `encodings` (default: every candidate of the block) against the teacher.
 
         Args:
           inputs: [R, B, H, W, C] block inputs of the R rating batches (images for block 0,
@@ -588,9 +614,38 @@ class BlockRater:
         Returns:
           A BlockRating whose rows follow `encodings`.
         """
+        if self.leaf is not TEACHER_ERRORS:
+            raise ValueError(f"BlockRater.rate compares with a teacher; this rater reduces "
+                             f"leaves with {self.leaf.name!r}: use evaluate_leaves")
+        inputs, targets = _as_batches(inputs, "inputs"), _as_batches(targets, "targets")
+        encodings, values, info = self.evaluate_leaves(inputs, targets, recal_inputs,
+                                                       encodings)
+        return _finish_rating(encodings, values[..., 0], values[..., 1], targets,
+                              self.config.rank_metric, info)
+
+    def evaluate_leaves(self, inputs: Any, targets: Any, recal_inputs: Any = None,
+                        encodings: np.ndarray | None = None,
+                        accumulate: Callable[[np.ndarray, int, np.ndarray], None] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """The prefix-shared walk with the rater's leaf reduction (see `LeafReduction`).
+
+        Args:
+          inputs, recal_inputs, encodings: as in `rate`.
+          targets: [R, ...] what the leaf reduction compares with, one entry per rating
+            batch (the teacher's block output for `TEACHER_ERRORS`).
+          accumulate: if given, called as `accumulate(ids, first_batch, values)` with the
+            leaf values float [n, G, M] of n distinct candidates (`ids` index the sorted
+            unique encodings) for rating batches first_batch.. first_batch + G - 1, instead
+            of collecting them; for reductions over candidates (e.g. a population mean).
+
+        Returns:
+          (encodings int32 [N, L], values float64 [N, R, M] with rows following `encodings`
+           (None with `accumulate`), info: what the rating did).
+        """
         start = time.perf_counter()
         space, b = self.block.space, self.block.block_index
-        inputs, targets = _as_batches(inputs, "inputs"), _as_batches(targets, "targets")
+        inputs = _as_batches(inputs, "inputs")
+        targets = np.asarray(targets)
         if encodings is None:
             encodings = space.block_candidates(b)
         encodings = np.asarray(encodings)
@@ -601,7 +656,11 @@ class BlockRater:
                 raise ValueError(f"block {b}, layer {l}: illegal op indices {sorted(illegal)}")
         owners = assign_owners(trie, split_level(trie, self.num_devices), self.num_devices)
         root, root_macs, root_work, levels = block_shapes(self.block, inputs.shape[2:])
-        _check_targets(inputs, targets, levels[-1].out_shape, b)
+        if self.leaf is TEACHER_ERRORS:
+            _check_targets(inputs, targets, levels[-1].out_shape, b)
+        elif len(targets) != len(inputs):
+            raise ValueError(f"block {b}: {len(targets)} target entries for {len(inputs)} "
+                             "rating batches")
         self.counters.clear()
         stats = None
         if self.config.bn_mode != "recalibrate":
@@ -612,13 +671,13 @@ class BlockRater:
                                  "the recalibration batch)")
             recal_inputs = np.asarray(recal_inputs)
             stats = self._recalibrate(trie, owners, recal_inputs, root, root_work, levels)
-        batch_mse, batch_mae, rate_plan, group = self._rate_passes(
-            trie, owners, inputs, targets, stats, root, root_work, levels)
+        values, rate_plan, group = self._rate_passes(
+            trie, owners, inputs, targets, stats, root, root_work, levels, accumulate)
         seconds = time.perf_counter() - start
         info = self._info(trie, levels, root_macs, rate_plan, group, inputs.shape[1],
                           len(inputs), 0 if recal_inputs is None else len(recal_inputs), seconds)
-        return _finish_rating(trie.encodings[inverse], batch_mse[inverse], batch_mae[inverse],
-                              targets, self.config.rank_metric, info)
+        rows = None if values is None else values[inverse]
+        return trie.encodings[inverse], rows, info
 
     # -- the two walks --
 
@@ -643,15 +702,25 @@ class BlockRater:
                      self.block.block_index, sum(map(len, trie.op)), time.perf_counter() - start)
         return root_stats, tables
 
-    def _rate_passes(self, trie, owners, inputs, targets, stats, root, root_work, levels):
-        """Walks over the rating batches, `G` batches per walk; returns errors [N, R] x 2."""
+    def _rate_passes(self, trie, owners, inputs, targets, stats, root, root_work, levels,
+                     accumulate=None):
+        """Walks over the rating batches, `G` batches per walk; returns the leaf values
+        [N, R, M] (None when `accumulate` takes them), the plan and G."""
         num_batches, batch = inputs.shape[:2]
         plan, group = self._rate_plan(trie, owners, inputs, targets, root, root_work, levels)
         kind = "eval" if stats is not None else "train"
         variables = self.variables
         if stats is not None:
             variables = {"params": self.variables["params"], "batch_stats": stats[0]}
-        errors = np.zeros((len(trie.encodings), num_batches, 2), np.float64)
+        collected: list[np.ndarray] = []
+
+        def collect(ids, first, values):
+            if not collected:
+                collected.append(np.zeros((len(trie.encodings), num_batches,
+                                           values.shape[-1]), np.float64))
+            collected[0][ids, first:first + values.shape[1]] = values
+
+        accumulate = accumulate or collect
         passes = math.ceil(num_batches / group)
         progress = _Progress(self.block.block_index, len(trie.encodings) * passes,
                              self.config.log_every_seconds)
@@ -668,9 +737,10 @@ class BlockRater:
             for ids, values in walk.leaf_records:
                 ids, values = ids.reshape(-1), _to_host(values)
                 valid = ids >= 0
-                errors[ids[valid], p * group:p * group + real] = values[valid, :real]
+                if valid.any():
+                    accumulate(ids[valid], p * group, values[valid, :real])
         progress.done()
-        return errors[..., 0], errors[..., 1], plan, group
+        return (collected[0] if collected else None), plan, group
 
     def _rate_plan(self, trie, owners, inputs, targets, root, root_work, levels):
         """The largest number of rating batches per walk (<= the config's) that fits."""
@@ -785,7 +855,7 @@ class BlockRater:
             group_rows = trie.group_index[level][np.maximum(ids, 0)].astype(np.int32)
             args += [walk.stats_tables[(level, op)], self._put_rows(group_rows)]
         if leaf:
-            out = function(*args, walk.targets)
+            out = function(*args, walk.targets, self.leaf_params)
             walk.leaf_records.append((ids, out))
             walk.progress.update(int((ids >= 0).sum()), out)
             return None
@@ -814,7 +884,7 @@ class BlockRater:
 
     def _function(self, kind: str, part: str, level: int = -1, op: int = -1,
                   leaf: bool = False) -> Callable:
-        key = (kind, part, level, op, leaf)
+        key = (kind, part, level, op, leaf) + ((self.leaf.name,) if leaf else ())
         if key not in self._functions:
             body, in_specs, out_specs = self._body(kind, part, level, op, leaf)
             body = cpu_conv.with_tap_convs(body, self.config.conv_impl)
@@ -868,6 +938,7 @@ class BlockRater:
         """The shard_map body of one op application, its in_specs and out_specs."""
         block, recal_block = self.block, self._recal_block
         apply_op = SupernetBlock.apply_op
+        reduce_leaf = self.leaf.fn
         branch = self.block.space.layer_choices(self.block.block_index, level).index(op)
         layer_key, op_key = f"layers_{level}", f"ops_{branch}"
 
@@ -896,9 +967,9 @@ class BlockRater:
                 y = jax.vmap(one, in_axes=(None, 0, 0))(
                     variables, x.reshape(x.shape[0], -1, *x.shape[3:]), stats)
                 y = y.reshape(*x.shape[:3], *y.shape[2:])
-                return _batch_errors(y, target[0]) if leaf else y
+                return reduce_leaf(y, *target) if leaf else y
 
-            in_specs = (rep, rows, rows, rep, rows) + ((rep,) if leaf else ())
+            in_specs = (rep, rows, rows, rep, rows) + ((rep, rep) if leaf else ())
             return body, in_specs, rows
 
         def one_batch(variables, x):
@@ -908,9 +979,9 @@ class BlockRater:
         def body(variables, stack, index, *target):  # batch-statistics BN
             y = jax.vmap(jax.vmap(one_batch, in_axes=(None, 0)), in_axes=(None, 0))(
                 variables, stack[index])
-            return _batch_errors(y, target[0]) if leaf else y
+            return reduce_leaf(y, *target) if leaf else y
 
-        return body, (rep, rows, rows) + ((rep,) if leaf else ()), rows
+        return body, (rep, rows, rows) + ((rep, rep) if leaf else ()), rows
 
     # -- reporting --
 

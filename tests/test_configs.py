@@ -17,6 +17,8 @@ VARIANTS = {
     "cifar10_dna.py": [None],
     "fashion_mnist_dna_plus.py": [None, "tiny"],
     "imagenet_dna_plus.py": [None, "gpu1", "gpu8,space=released"],
+    "fashion_mnist_dna_pp.py": [None, "tiny"],
+    "imagenet_dna_pp.py": [None, "gpu1", "tpu_v4_32", "tpu_v4_32,space=released"],
 }
 
 
