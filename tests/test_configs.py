@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import pipeline
+from dna_jax import pipeline, ranking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -15,6 +15,8 @@ VARIANTS = {
     "fashion_mnist_teacher.py": [None, "tiny"],
     "imagenet_dna.py": [None, "gpu1", "gpu8", "tpu_v4_32", "tpu_v4_32,space=released"],
     "cifar10_dna.py": [None],
+    "fashion_mnist_ranking.py": [None, "tiny"],
+    "imagenet_ranking.py": [None, "gpu1", "tpu_v4_32,space=released"],
 }
 
 
@@ -40,6 +42,9 @@ def test_config_loads_locked_and_valid(name, arg):
     if "stages" in config:
         pipeline.check_config(config)
         pipeline.stage_digests(config)
+    if "ranking" in config:
+        ranking.check_config(config)
+        pipeline.stage_digests(config.dna)
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
