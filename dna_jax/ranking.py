@@ -456,13 +456,25 @@ def run_ranking(config: ml_collections.ConfigDict, workdir: str,
         "dna_workdir": dna_workdir,
     })
     summary["wall_seconds"] = watch.elapsed()
+    summary = finite_or_null(summary)
     if jax.process_index() == 0:
-        artifacts.write_json(results_path, {"summary": summary, "stats": stats,
-                                            "dna_metric_stats": metric_stats,
-                                            "architectures": per_arch, "spos": {
-                                                k: v for k, v in spos.items() if k != "key"}})
+        artifacts.write_json(results_path, finite_or_null({
+            "summary": summary, "stats": stats, "dna_metric_stats": metric_stats,
+            "architectures": per_arch, "spos": {k: v for k, v in spos.items() if k != "key"}}))
         plot_ranking(per_arch, stats, plot_path)
     return summary
+
+
+def finite_or_null(obj: Any) -> Any:
+    """NaN / inf floats (an undefined statistic, e.g. every accuracy tied) -> None, so the
+    JSON written is strict JSON (null)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 # ---- command line ------------------------------------------------------------------------------
