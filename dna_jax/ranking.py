@@ -60,9 +60,10 @@ from dna_jax.space import Arch, SearchSpace, get_space
 DNA_STAGES = "teacher,distill,rate"
 METHODS = ("dna", "spos", "flops", "params")
 SIGN_CONVENTION = ("correlations are between stand-alone test accuracy and each rating "
-                   "oriented so that higher = predicted better: dna = -(sum of block scores; a "
-                   "loss, lower = better), spos = +validation accuracy, flops = +dna_flops, "
-                   "params = +params (bigger = better); a perfect rating has tau = rho = +1")
+                   "oriented so that higher = predicted better: dna = the NEGATED sum of block "
+                   "scores (a loss, lower = better), spos = +validation accuracy, flops = "
+                   "+dna_flops, params = +params (bigger = better); a perfect rating has "
+                   "tau = rho = +1")
 RESULT_FILE = "result.json"
 
 
