@@ -4,18 +4,21 @@ r"""Ranking fidelity on real Fashion-MNIST, on CPU: DNA vs SPOS vs cost, against
     # the same without the benchmark wrapper:
     python -m dna_jax.ranking --config configs/fashion_mnist_ranking.py --workdir workdir/fashion_mnist_ranking
 
-Samples 20 architectures of the `small` space (seed 0, stratified over dna_flops), trains each
-stand-alone for STEPS steps of batch 128 (about 0.47 epoch of train[:55000]) with the teacher's
-recipe at 20 px, and compares their Fashion-MNIST test accuracy with the DNA rating (the
-demo pipeline's teacher, distill and rate stages, configs/fashion_mnist_dna.py, run in
-<workdir>/dna unless --config.dna_workdir points at a finished demo workdir), an SPOS supernet
-trained for the same STEPS steps, and dna_flops / params alone.
+Samples 20 architectures of the `small` space (seed 0, stratified over dna_flops: 0.61-0.97M
+multiply-adds at 20 px), trains each stand-alone for STEPS = 430 steps of batch 128 (one epoch
+of train[:55000]) with the teacher's recipe (AdamW, cosine, 20 px) and tests it on the whole
+test split; compares those accuracies with the DNA rating (the demo pipeline's teacher,
+distill and rate stages, configs/fashion_mnist_dna.py, run in <workdir>/dna unless
+--config.dna_workdir points at a finished demo workdir made with the same config), an SPOS
+supernet trained for the same 430 steps and rated on train[55000:], and dna_flops / params.
 Expected output: the log of every part, then one JSON line with kendall_dna, kendall_spos,
-kendall_flops, kendall_params, spearman_*, top_k_* (with bootstrap 95% intervals, `*_ci`),
+kendall_flops, kendall_params, spearman_*, top_k_* (each with a bootstrap 95% interval `*_ci`),
 num_archs = 20 and wall_seconds; results.json and ranking.png in <workdir>/ranking/.
-Figures: not measured yet (the full run has not been made on this machine; its wall time is
-estimated at 60-90 min on 2 shared cores when the DNA stages must run, about 45 min when they
-are reused).
+Figures: NOT measured yet (the full run has not been made on this machine). Wall-time estimate
+on 2 cores: DNA stages 13 min (the demo's teacher + distill + rate), SPOS about 5 min, each
+stand-alone network 1.5-2.5 min (compilation of init, step and eval about half of it), so
+about 50-70 min in all, 40-55 min when the DNA stages are reused. Under heavy load from other
+jobs it takes several times longer; a killed run resumes.
 
 `configs/fashion_mnist_ranking.py:tiny`: 3 architectures of the `tiny` space, a few steps per
 part on the tiny teacher (the tests).
