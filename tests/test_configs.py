@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import pipeline, progressive
+from dna_jax import pipeline, progressive, ranking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -19,6 +19,8 @@ VARIANTS = {
     "imagenet_dna_plus.py": [None, "gpu1", "gpu8,space=released"],
     "fashion_mnist_dna_pp.py": [None, "tiny"],
     "imagenet_dna_pp.py": [None, "gpu1", "tpu_v4_32", "tpu_v4_32,space=released"],
+    "fashion_mnist_ranking.py": [None, "tiny"],
+    "imagenet_ranking.py": [None, "gpu1", "tpu_v4_32,space=released"],
 }
 
 
@@ -50,6 +52,9 @@ def test_config_loads_locked_and_valid(name, arg):
             round_config = progressive.round_config(config, r)
             pipeline.check_config(round_config)
             pipeline.stage_digests(round_config)
+    if "ranking" in config:
+        ranking.check_config(config)
+        pipeline.stage_digests(config.dna)
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
