@@ -10,13 +10,17 @@ block fed through the target network's best paths of the blocks before it; rate 
 candidate of every block (36 + 36 + 36 + 6) by its SSL loss against the population centre;
 search the exact best network under the DNA demo's budget (half the `fmnist_teacher`'s
 multiply-adds at 20 px, so the two runs are comparable); retrain it from scratch with the
-teacher's recipe shortened to one epoch; write report.md / summary.json in the workdir.
+teacher's recipe shortened to two epochs (BatchNorm momentum 0.9); write report.md / summary.json in the workdir.
 Writes `ssl/` (supernet/, ssl_variables/, checkpoints, TensorBoard: per block loss,
 byol_loss, variance, covariance, output_std, lr, momentum; ratings/ of the blocks as chosen
 during training), `rate/<block>.npz|json` (DNA's table format, score = SSL loss),
 `search/`, `retrain/`, `report/`. The last output line is one JSON object with
 winner_accuracy, winner_macs, winner_params, the ssl_loss_final / ssl_output_std_final per
-block and wall_seconds. Target: <= 20 minutes on 2 CPU cores; not measured yet.
+block and wall_seconds. Target: <= 20 minutes on 2 CPU cores. Measured here (2 cores, other
+jobs beside it): 666 s of stages (ssl 372, rate 91, search 5, retrain 198); SSL loss per block
+0.53 / 0.52 / 0.53 / 0.41 of its start, output std 0.81 / 0.76 / 0.81 / 0.69 (no collapse);
+winner test accuracy 0.8744 at 714,152 multiply-adds (0.33 of fmnist_teacher's), 128,892 params.
+(A one-epoch retraining with Flax's default BatchNorm momentum 0.99 tested at 0.10: see below.)
 
 CPU choices (ImageNet settings in configs/imagenet_dna_pp.py): 2 paths per step instead of
 BossNAS's 4, 80 steps of batch 64 per block, AdamW instead of LARS (LARS suits large
@@ -108,9 +112,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.search.budget = _half_macs("fmnist_teacher", 20)
     config.search.top_k = 5
 
-    # Retraining: the teacher's recipe, from scratch, one epoch (the 20-minute budget).
+    # Retraining: the teacher's recipe, from scratch, two epochs (the 20-minute budget).
     retrain = _teacher_recipe()
-    retrain.num_epochs = 1.0
+    retrain.num_epochs = 2.0
+    # Short runs need faster BatchNorm averages: with Flax's 0.99 the running variances of 938
+    # steps still carry the initial 1.0 (the depthwise layers' true variances are ~0.01-0.05)
+    # and the test accuracy of a network at 0.86 train accuracy was 0.10 (chance).
+    retrain.model.bn_momentum = 0.9
     retrain.inherit_weights = False
     config.retrain = retrain
 
