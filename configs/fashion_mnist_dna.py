@@ -20,23 +20,10 @@ winner_macs and wall_seconds.
 space and teacher (2 + 4 candidates; the tests: 2-5 minutes on 2 cores).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import pipeline
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _teacher_recipe() -> ml_collections.ConfigDict:
-    """configs/fashion_mnist_teacher.py's full trainer config (an unlocked copy)."""
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_teacher", os.path.join(_HERE, "fashion_mnist_teacher.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(None).to_dict())
+from dna_jax import config_files, pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -59,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.eval_split = "test"
 
     # The teacher: trained here on all 60k training images.
-    teacher = _teacher_recipe()
+    teacher = config_files.sibling_config(__file__, "fashion_mnist_teacher", unlocked=True)
     config.teacher.name = "fmnist_teacher"
     config.teacher.train = teacher
 

@@ -38,23 +38,10 @@ few steps per stage; round 2's teacher is round 1's winner, stage widths 8/12/16
 `tiny_teacher`'s 8/16/24, and round 2's winner is scaled x1.5 in width): the tests.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import progressive
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _dna_config(variant: str | None) -> ml_collections.ConfigDict:
-    """configs/fashion_mnist_dna.py's config (same variant)."""
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_dna", os.path.join(_HERE, "fashion_mnist_dna.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+from dna_jax import config_files, progressive
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -62,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "full"
     if variant not in ("full", "tiny"):
         raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
-    config = _dna_config(None if variant == "full" else "tiny")
+    config = config_files.sibling_config(__file__, "fashion_mnist_dna",
+                                         None if variant == "full" else "tiny")
     if variant == "tiny":
         return progressive.with_progressive(
             config, rounds=2, budget_fractions=(0.5, 1.0), width_multipliers=(1.0, 1.5),

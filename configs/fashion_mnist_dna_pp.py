@@ -31,24 +31,11 @@ channels, so colour jitter reduces to brightness and contrast, and grayscale is 
 `tiny` space (2 + 4 candidates; the tests).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import costs, pipeline
+from dna_jax import config_files, costs, pipeline
 from dna_jax.models.zoo import get_network_spec
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _teacher_recipe() -> ml_collections.ConfigDict:
-    """configs/fashion_mnist_teacher.py's full trainer config (an unlocked copy)."""
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_teacher", os.path.join(_HERE, "fashion_mnist_teacher.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(None).to_dict())
 
 
 def _half_macs(network: str, resolution: int) -> float:
@@ -113,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.search.top_k = 5
 
     # Retraining: the teacher's recipe, from scratch, two epochs (the 20-minute budget).
-    retrain = _teacher_recipe()
+    retrain = config_files.sibling_config(__file__, "fashion_mnist_teacher", unlocked=True)
     retrain.num_epochs = 2.0
     # Short runs need faster BatchNorm averages: with Flax's 0.99 the running variances of 938
     # steps still carry the initial 1.0 (the depthwise layers' true variances are ~0.01-0.05)

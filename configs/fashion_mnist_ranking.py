@@ -26,23 +26,12 @@ jobs it takes several times longer; a killed run resumes.
 part on the tiny teacher (the tests).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import ranking
+from dna_jax import config_files, ranking
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 430
-
-
-def _load(name: str, arg: str | None) -> ml_collections.ConfigDict:
-    """Another config file's config (an unlocked copy)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(arg).to_dict())
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The DNA ratings: exactly the demo pipeline's (same hashes, so a finished demo workdir
     # can be reused with --config.dna_workdir=workdir/fashion_mnist_dna).
-    config.dna = _load("fashion_mnist_dna", "tiny" if variant == "tiny" else None)
+    config.dna = config_files.sibling_config(
+        __file__, "fashion_mnist_dna", "tiny" if variant == "tiny" else None, unlocked=True)
     config.dna_workdir = ""
 
     config.ranking.num_archs = 20
@@ -68,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Stand-alone training: the teacher's recipe (AdamW, cosine, label smoothing, 20 px),
     # cut to a fixed short budget; tested on the whole test split.
-    standalone = _load("fashion_mnist_teacher", None)
+    standalone = config_files.sibling_config(__file__, "fashion_mnist_teacher", unlocked=True)
     standalone.model.name = "child"
     standalone.data.train_split = "train[:55000]"
     standalone.data.eval_split = "test"

@@ -28,23 +28,12 @@ measured (no ImageNet, no accelerator here); the paper reports 78.9% top-1 for t
 MBConv result without giving DNA+'s per-round figures.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import progressive
+from dna_jax import config_files, progressive
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _VARIANTS = ("gpu1", "gpu8")
-
-
-def _dna_config(arg: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "imagenet_dna", os.path.join(_HERE, "imagenet_dna.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -54,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          f"{_VARIANTS} (multi-host pods are not supported for DNA+ yet).")
     if not any(p in _VARIANTS for p in parts):
         parts.insert(0, "gpu8")
-    config = _dna_config(",".join(parts))
+    config = config_files.sibling_config(__file__, "imagenet_dna", ",".join(parts))
     return progressive.with_progressive(
         config, rounds=2, budget_fractions=(0.0, 0.7), width_multipliers=(1.1, 1.0),
         depth_multipliers=(1.2, 1.0), stop_early=True, stop_margin=-0.06)

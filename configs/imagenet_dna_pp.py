@@ -22,28 +22,16 @@ terms were not readable, REFERENCE.md section 5). Memory: 8 views of each image 
 lower the batch (or num_paths) if a device runs out.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import pipeline
+from dna_jax import config_files, pipeline
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 BOSSNAS_BATCH, BOSSNAS_LR = 4096, 4.8
 
 
-def _imagenet_dna(arg: str | None) -> ml_collections.ConfigDict:
-    """configs/imagenet_dna.py's config for the same variant (an unlocked copy)."""
-    spec = importlib.util.spec_from_file_location(
-        "imagenet_dna", os.path.join(_HERE, "imagenet_dna.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(arg).to_dict())
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    base = _imagenet_dna(arg)
+    base = config_files.sibling_config(__file__, "imagenet_dna", arg, unlocked=True)
     config = pipeline.get_default_config()
     for section in ("seed", "mesh", "distributed", "data", "rate", "search", "retrain"):
         config[section] = base[section]

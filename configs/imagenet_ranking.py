@@ -19,30 +19,19 @@ one JSON object with kendall_dna, kendall_spos, kendall_flops, spearman_dna, num
 wall_seconds (also in <workdir>/ranking/results.json, plot in ranking.png).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from dna_jax import ranking
+from dna_jax import config_files, ranking
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_TRAIN = 1_281_167
 HELD_OUT = 50_000
-
-
-def _imagenet_dna(arg: str | None) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "imagenet_dna", os.path.join(_HERE, "imagenet_dna.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ml_collections.ConfigDict(module.get_config(arg).to_dict())
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The ImageNet ranking config; `arg` selects configs/imagenet_dna.py's variant."""
     config = ranking.get_default_config()
-    dna = _imagenet_dna(arg)
+    dna = config_files.sibling_config(__file__, "imagenet_dna", arg, unlocked=True)
     config.seed = dna.seed
     config.mesh = ml_collections.ConfigDict(dna.mesh.to_dict())
     config.dna = dna

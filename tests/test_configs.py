@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import pipeline, progressive, ranking
+from dna_jax import config_files, pipeline, progressive, ranking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -64,3 +64,15 @@ def test_unknown_variant_is_an_error():
     module = _load(os.path.join(REPO, "configs", "fashion_mnist_dna.py"))
     with pytest.raises(ValueError, match="tiny"):
         module.get_config("huge")
+
+
+def test_config_files_loader_applies_overrides_and_names_misspelt_keys(tmp_path):
+    path = os.path.join(REPO, "configs", "fashion_mnist_dna.py")
+    config = config_files.load_config(path, "tiny", **{"distill.num_steps": 7})
+    assert config.is_locked and config.distill.num_steps == 7
+    copy = config_files.load_config(path, "tiny", unlocked=True)
+    assert not copy.is_locked and copy.distill.num_steps == 4
+    with pytest.raises(KeyError, match="distill.num_stepz"):
+        config_files.load_config(path, "tiny", **{"distill.num_stepz": 7})
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        config_files.load_config(str(tmp_path / "missing.py"))

@@ -6,7 +6,6 @@ a missing upstream artifact, and a run killed during distillation that resumes t
 supernet and ratings as the uninterrupted one.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,28 +16,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dna_jax import artifacts, pipeline
+from dna_jax import artifacts, config_files, pipeline
 from dna_jax import data as data_lib
-from dna_jax import distill as distill_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_dna.py")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("fashion_mnist_dna", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.unlock()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+    return config_files.load_config(CONFIG, "tiny", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ stopping rule. The re-alignment rule itself and the stored-architecture teacher 
 tested on their own (cheap, no training).
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dna_jax import artifacts, pipeline, progressive
+from dna_jax import artifacts, config_files, pipeline, progressive
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import zoo
 from dna_jax.models.efficientnet import EfficientNet
@@ -34,19 +33,7 @@ CONFIG = os.path.join(REPO, "configs", "fashion_mnist_dna_plus.py")
 
 
 def plus_config(arg="tiny", **overrides):
-    spec = importlib.util.spec_from_file_location("fashion_mnist_dna_plus", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    config.unlock()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+    return config_files.load_config(CONFIG, arg, **overrides)
 
 
 def _manifest(workdir, r, stage):
@@ -241,13 +228,10 @@ def test_bad_progressive_config_names_the_field(overrides, field, tmp_path):
 
 def test_round_configs():
     config = plus_config(arg=None)
-    dna_spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_dna", os.path.join(REPO, "configs", "fashion_mnist_dna.py"))
-    dna = importlib.util.module_from_spec(dna_spec)
-    dna_spec.loader.exec_module(dna)
     # Round 1 is the DNA demo: same stage hashes, so its artifacts can be reused.
     one = progressive.round_config(config, 1)
-    assert pipeline.stage_digests(one) == pipeline.stage_digests(dna.get_config(None))
+    assert pipeline.stage_digests(one) == pipeline.stage_digests(
+        config_files.load_config(os.path.join(REPO, "configs", "fashion_mnist_dna.py")))
     two = progressive.round_config(config, 2)
     assert two.teacher.checkpoint == "{workdir}/../round_1/retrain/network"
     assert pipeline.resolve_workdir_path(two.teacher.checkpoint, "/w/round_2") == (

@@ -8,7 +8,6 @@ refuse a changed config.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dna_jax import costs as costs_lib
+from dna_jax import config_files, costs as costs_lib
 from dna_jax import ranking, ranking_stats, spos
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.single_path import SinglePathSupernet, arch_path, child_variables
@@ -201,19 +200,7 @@ def test_spos_step_moves_only_the_sampled_path():
 
 
 def _tiny_config(**overrides) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("fashion_mnist_ranking", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.unlock()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+    return config_files.load_config(CONFIG, "tiny", **overrides)
 
 
 @pytest.fixture(scope="module")

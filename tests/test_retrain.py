@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dna_jax import checkpoint as checkpoint_lib
+from dna_jax import checkpoint as checkpoint_lib, config_files
 from dna_jax import data as data_lib
 from dna_jax import retrain, sharding
 from dna_jax.models import cpu_conv
@@ -33,19 +33,7 @@ needs_fmnist = pytest.mark.skipif(
 
 def _tiny_config(**overrides) -> ml_collections.ConfigDict:
     """configs/fashion_mnist_teacher.py:tiny, unlocked, with overrides (dotted keys)."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
-    spec = importlib.util.spec_from_file_location("fmnist_teacher_config", TEACHER_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = ml_collections.ConfigDict(module.get_config("tiny").to_dict())
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return config_files.load_config(TEACHER_CONFIG, "tiny", unlocked=True, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dna_jax import data as data_lib
+from dna_jax import config_files, data as data_lib
 from dna_jax import distill, pipeline, rate, search, sharding, ssl
 from dna_jax.data import views
 from dna_jax.netspec import LayerSpec
@@ -196,12 +196,8 @@ def test_two_view_batches_from_tfds_mock_cifar10():
 
 
 def test_pipeline_checks_dna_pp_configs(tmp_path):
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_dna_pp", os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_files.load_config(
+        os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"), "tiny")
     assert pipeline.parse_stages(config.stages) == list(pipeline.SSL_STAGES)
     digests = pipeline.stage_digests(config)
     changed = ml_collections.ConfigDict(config.to_dict())
@@ -343,12 +339,8 @@ def test_ssl_rating_equals_naive_per_candidate_computation(tiny):
 
 @pytest.mark.slow  # ~4 min on 2 shared cores: every stage of the DNA++ pipeline compiles
 def test_dna_pp_pipeline_end_to_end(tmp_path):
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_dna_pp", os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_files.load_config(
+        os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"), "tiny")
     figures = pipeline.run_pipeline(config, str(tmp_path))
     assert figures["stages"] == {s: "ran" for s in pipeline.SSL_STAGES}
     assert not os.path.exists(tmp_path / "teacher") and not os.path.exists(tmp_path / "distill")
