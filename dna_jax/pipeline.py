@@ -30,7 +30,6 @@ import datetime
 import logging
 import os
 import shutil
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -381,6 +380,17 @@ def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(batches), recal
 
 
+def _rating_summaries(ctx: Context, paths: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """{block name: candidates, best (top-1 entry), seconds} from the blocks' JSON summaries."""
+    blocks = {}
+    for (_, summary_path), block in zip(paths, ctx.space.blocks):
+        summary = artifacts.read_json(summary_path)
+        blocks[block.name] = {"candidates": summary["candidates"],
+                              "best": summary["top_k"][0] if summary["top_k"] else None,
+                              "seconds": summary["rating"].get("seconds")}
+    return blocks
+
+
 def run_rate(ctx: Context) -> dict[str, Any]:
     """Rates every candidate (or `rate.num_candidates` sampled ones) of every block."""
     if is_ssl(ctx.config):
@@ -392,12 +402,7 @@ def run_rate(ctx: Context) -> dict[str, Any]:
     paths = rate_lib.rate_blocks(ctx.space, distiller.blocks, load_stage_supernet(ctx), module,
                                  teacher_variables, images, recal, ctx.config.rate,
                                  ctx.stage_dir("rate"), mesh=ctx.mesh)
-    blocks = {}
-    for (_, summary_path), block in zip(paths, ctx.space.blocks):
-        summary = artifacts.read_json(summary_path)
-        blocks[block.name] = {"candidates": summary["candidates"],
-                              "best": summary["top_k"][0] if summary["top_k"] else None,
-                              "seconds": summary["rating"].get("seconds")}
+    blocks = _rating_summaries(ctx, paths)
     total = sum(b["candidates"] for b in blocks.values())
     seconds = watch.elapsed()
     return {"blocks": blocks, "candidates": total, "seconds": seconds,
@@ -702,12 +707,7 @@ def run_ssl_rate(ctx: Context) -> dict[str, Any]:
     paths, chosen = ssl_lib.rate_ssl_blocks(_ssl_trainer(ctx), supernet, ssl_variables, views,
                                             recal, ctx.config.rate, ctx.stage_dir("rate"),
                                             ctx.mesh)
-    blocks = {}
-    for (_, summary_path), block in zip(paths, ctx.space.blocks):
-        summary = artifacts.read_json(summary_path)
-        blocks[block.name] = {"candidates": summary["candidates"],
-                              "best": summary["top_k"][0] if summary["top_k"] else None,
-                              "seconds": summary["rating"].get("seconds")}
+    blocks = _rating_summaries(ctx, paths)
     trained_with = ctx.figures("ssl").get("chosen_paths") or []
     return {"blocks": blocks, "candidates": sum(b["candidates"] for b in blocks.values()),
             "seconds": watch.elapsed(), "rating_batches": int(views.shape[1]),
