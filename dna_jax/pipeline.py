@@ -58,6 +58,7 @@ ON_CHANGE = ("error", "rerun")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 STARTED_FILE = "started.json"
+COMPILATION_CACHE_BYTES = 8 << 30
 RETRAINED_NETWORK = "network"  # retrain/network: the retrained winner, loadable as a teacher
 RETRAINED_NETWORK_NAME = "winner"
 
@@ -842,6 +843,9 @@ def _use_compilation_cache(setting: str, workdir: str) -> None:
     path = os.path.join(workdir, "compilation_cache") if setting == "auto" else setting
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # A size limit turns on JAX's file lock: without it a process sharing the cache (multi-
+    # process runs on one host) can read another's half-written executable and abort.
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     logging.info("persistent compilation cache: %s", path)
 
 

@@ -21,3 +21,7 @@ if _CACHE:
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # The xdist workers share the cache: a size limit turns on JAX's file lock, without which
+    # a worker can load another's half-written executable and abort (seen: SIGABRT in the
+    # tiny pipeline's distillation step while test_progressive compiled the same program).
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
