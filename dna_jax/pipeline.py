@@ -108,7 +108,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.compilation_cache = "auto"
     config.seed = 0
     config.distributed = "auto"
-    config.mesh = dict(shape=(-1,), axis_names=("data",), axis_types="auto")
+    config.mesh = dict(shape=(-1,), axis_names=("data",), axis_types="auto",
+                       num_devices=0)  # > 0: only the first num_devices devices
     config.data = data_lib.get_default_config()
     config.teacher = dict(name="fmnist_teacher", checkpoint="", num_classes=0,
                           train=retrain_lib.get_default_config())

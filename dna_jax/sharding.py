@@ -89,7 +89,13 @@ def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",
 
 
 def mesh_from_config(config: Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """make_mesh from a `mesh` ConfigDict (shape, axis_names, axis_types)."""
+    """make_mesh from a `mesh` ConfigDict (shape, axis_names, axis_types and, optionally,
+    num_devices > 0: use only the first that many devices)."""
+    count = config.get("num_devices", 0)
+    if devices is None and count:
+        if count > jax.device_count():
+            raise ValueError(f"mesh.num_devices={count} but only {jax.device_count()} devices")
+        devices = jax.devices()[:count]
     return make_mesh(tuple(config.shape), tuple(config.axis_names), config.axis_types, devices)
 
 
