@@ -28,6 +28,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 PADDINGS = ("same", "symmetric")
 
 # EfficientNet's initialisers: conv kernels from fan-out, dense uniform in 1/sqrt(out).
+# One difference, kept on purpose: for a depthwise kernel (k, k, 1, C) Flax's fan-out is k*k*C,
+# where TF EfficientNet and timm use k*k, so our depthwise weights start sqrt(C) times smaller.
+# BatchNorm follows every such conv, so only the effective step size differs. Measured with the
+# timm fan (Fashion-MNIST, 300 teacher steps then 300 distillation steps): teacher accuracy
+# 0.8075 vs 0.8212 with ours, block loss ratios 0.54/0.39/0.27/0.08 vs 0.53/0.33/0.35/0.16:
+# no gain that would justify re-measuring every figure. Pretrained (ported) weights are unaffected.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
