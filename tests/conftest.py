@@ -7,6 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+# Four fake devices share two cores with an xdist neighbour: XLA:CPU's collectives give up
+# when one device thread waits 40 s for the others (seen in the distillation step), and
+# abort the worker. The devices are only slow, not stuck, so let them wait.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 # TensorFlow (used by tf.data only) must never grab an accelerator or spam the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
