@@ -8,11 +8,12 @@ blocks from it in one step per batch, rate every candidate of every block (36 + 
 search the exact best network under half the teacher's multiply-adds, retrain it from scratch
 with the teacher's recipe, and write report.md / summary.json in the workdir.
 Targets: <= 15 minutes in all on 2 CPU cores, the winner within one point of the teacher
-at <= 50% of its multiply-adds. Measured here (2 cores, three other jobs running at nice 19):
-920 s of pipeline (15 min 26 s with start-up): teacher 345 s (test accuracy 0.902), distill
-215 s (validation loss 0.50 / 0.50 / 0.44 / 0.03 of its initial value per block), rate 49 s
-(114 candidates), search 6 s, retrain 305 s; winner test accuracy 0.8962 (0.58 points below
-the teacher) at 1,033,472 multiply-adds (0.479 of the teacher's), 168,924 params. The last
+at <= 50% of its multiply-adds. Measured here (2 cores, idle, cold compilation cache):
+783 s of pipeline (13 min 10 s for `make demo` with an installed venv): teacher 293 s (test
+accuracy 0.902), distill 191 s (validation loss 0.51 / 0.50 / 0.44 / 0.03 of its initial value
+per block), rate 39 s (114 candidates), search 4 s, retrain 255 s; winner test accuracy 0.8962
+(0.58 points below the teacher) at 1,033,472 multiply-adds (0.479 of the teacher's), 168,924
+params. (With three other jobs at nice 19 beside it: 920 s, the same results.) The last
 output line is one JSON object with teacher_accuracy, winner_accuracy, teacher_macs,
 winner_macs and wall_seconds.
 
