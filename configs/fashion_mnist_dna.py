@@ -13,7 +13,9 @@ at <= 50% of its multiply-adds. Measured here (2 cores, idle, cold compilation c
 accuracy 0.902), distill 191 s (validation loss 0.51 / 0.50 / 0.44 / 0.03 of its initial value
 per block), rate 39 s (114 candidates), search 4 s, retrain 255 s; winner test accuracy 0.8962
 (0.58 points below the teacher) at 1,033,472 multiply-adds (0.479 of the teacher's), 168,924
-params. (With three other jobs at nice 19 beside it: 920 s, the same results.) The last
+params. (With three other jobs at nice 19 beside it: 920 s, the same results. Since the
+supernet's switch branches are rematerialised the distill stage takes 154 s; that run took
+785 s in all, its teacher and retraining stages ~10% slower: run-to-run noise here.) The last
 output line is one JSON object with teacher_accuracy, winner_accuracy, teacher_macs,
 winner_macs and wall_seconds.
 
