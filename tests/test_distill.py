@@ -397,3 +397,27 @@ def test_distilling_a_fashion_mnist_teacher_halves_validation_loss(tmp_path):
         config, teacher, {"params": trained.params, "batch_stats": trained.batch_stats},
         train, val, str(tmp_path / "distill"), mesh)
     assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_loss_ratio"]
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_prints_consistent_figures():
+    """benchmarks/distill_throughput.py on a small teacher: its JSON line holds together."""
+    import json  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, "benchmarks/distill_throughput.py", "--teacher", "fmnist_teacher",
+         "--space", "small", "--resolution", "32", "--batch-size", "4", "--steps", "1"],
+        cwd=root, capture_output=True, text=True, timeout=900, check=True)
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    blocks = figures["sequential_block_step_s"]
+    assert sorted(blocks) == [f"block{k}" for k in range(4)]
+    sequential_s = sum(blocks.values())
+    assert figures["sequential_images_per_s"] == pytest.approx(4 / sequential_s)
+    assert figures["all_blocks_images_per_s"] == pytest.approx(4 / figures["all_blocks_step_s"])
+    assert figures["ratio"] == pytest.approx(
+        figures["all_blocks_images_per_s"] / figures["sequential_images_per_s"])
+    # The sequential schedule runs the teacher once per block: more FLOPs than one forward.
+    assert figures["flop_ratio"] > 1.0
+    assert figures["conv_impl"] == "auto" and figures["timed_steps"] == 1
