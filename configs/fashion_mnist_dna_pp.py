@@ -16,8 +16,9 @@ byol_loss, variance, covariance, output_std, lr, momentum; ratings/ of the block
 during training), `rate/<block>.npz|json` (DNA's table format, score = SSL loss),
 `search/`, `retrain/`, `report/`. The last output line is one JSON object with
 winner_accuracy, winner_macs, winner_params, the ssl_loss_final / ssl_output_std_final per
-block and wall_seconds. Target: <= 20 minutes on 2 CPU cores. Measured here (2 cores, other
-jobs beside it): 666 s of stages (ssl 372, rate 91, search 5, retrain 198); SSL loss per block
+block and wall_seconds. Target: <= 20 minutes on 2 CPU cores. Measured here (2 idle cores,
+rematerialised supernet branches): 432 s of stages (ssl 260, rate 76, search 5, retrain 90;
+666 s earlier with other jobs beside it and without remat, same results); SSL loss per block
 0.53 / 0.52 / 0.53 / 0.41 of its start, output std 0.81 / 0.76 / 0.81 / 0.69 (no collapse);
 winner test accuracy 0.8744 at 714,152 multiply-adds (0.33 of fmnist_teacher's), 128,892 params.
 (A one-epoch retraining with Flax's default BatchNorm momentum 0.99 tested at 0.10: see below.)
