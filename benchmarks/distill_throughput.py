@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dna_jax import distill, sharding  # noqa: E402
-from dna_jax.models import zoo  # noqa: E402
+from dna_jax.models import cpu_conv, zoo  # noqa: E402
 from dna_jax.models.initialize import init_variables  # noqa: E402
 
 
@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per schedule phase")
     parser.add_argument("--space", default="dna_released", help="dna_released | dna_paper")
     parser.add_argument("--teacher", default="efficientnet_b7")
-    parser.add_argument("--conv-impl", default="auto", choices=("auto", "taps", "xla"),
-                        help="auto | taps | xla (distill.conv_impl; 'auto' = taps on CPU)")
+    parser.add_argument("--conv-impl", default="auto", choices=cpu_conv.CONV_IMPLS,
+                        help="distill.conv_impl ('auto' = taps on CPU)")
     args = parser.parse_args(argv)
     if args.resolution < 32 or args.batch_size < 1 or args.steps < 1:
         parser.error("need --resolution >= 32, --batch-size >= 1, --steps >= 1")
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     sequential_flops = sum(flops[f"block{k}"] for k in range(distiller.num_blocks))
     figures = {
         "space": args.space, "teacher": args.teacher, "resolution": args.resolution,
-        "conv_impl": args.conv_impl,
+        "conv_impl": args.conv_impl, "conv_impl_resolved": cpu_conv.resolve(args.conv_impl),
         "batch_size": args.batch_size, "timed_steps": args.steps,
         "devices": jax.device_count(), "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],

@@ -7,7 +7,10 @@ its compiled steps) for equal configs.
 """
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -402,9 +405,6 @@ def test_distilling_a_fashion_mnist_teacher_halves_validation_loss(tmp_path):
 @pytest.mark.slow
 def test_throughput_benchmark_prints_consistent_figures():
     """benchmarks/distill_throughput.py on a small teacher: its JSON line holds together."""
-    import json  # pylint: disable=import-outside-toplevel
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import sys  # pylint: disable=import-outside-toplevel
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
         [sys.executable, "benchmarks/distill_throughput.py", "--teacher", "fmnist_teacher",
