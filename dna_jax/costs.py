@@ -187,3 +187,47 @@ def fixed_costs(space, resolution: int | None = None, num_classes: int = 1000) -
             costs = candidate_costs(space, b, np.asarray([block.fixed_ops]), resolution)
             out = out + Costs(*(int(costs[n][0]) for n in COST_NAMES))
     return out
+
+
+# ---- effective multiply-adds (padding excluded) -----------------------------------------------
+
+
+def _inside_taps(in_size: int, kernel: int, stride: int) -> int:
+    """Over one axis: the (output position, kernel tap) pairs that read a real input pixel
+    under 'SAME' padding (TF's split: the extra pixel after)."""
+    out_size = conv_output_size(in_size, stride)
+    before = max((out_size - 1) * stride + kernel - in_size, 0) // 2
+    positions = np.arange(out_size)[:, None] * stride - before + np.arange(kernel)[None, :]
+    return int(np.count_nonzero((positions >= 0) & (positions < in_size)))
+
+
+def effective_macs(spec: NetworkSpec, resolution: int, num_classes: int = 1000,
+                   in_channels: int = 3) -> int:
+    """Multiply-adds that touch at least one real (non-padding) input value.
+
+    As `macs`, but a k x k convolution counts only the kernel taps that land inside the
+    image: on small maps (a 7x7 kernel on a 7x7 map) a large share of the counted
+    multiply-adds multiply zeros, and `macs` overstates how much a bigger kernel computes.
+    """
+    def conv(cin: int, cout: int, kernel: int, in_size: int, stride: int, groups: int = 1
+             ) -> int:
+        return (cin // groups) * cout * _inside_taps(in_size, kernel, stride) ** 2
+
+    size = resolution
+    total_macs = conv(in_channels, spec.stem_channels, spec.stem_kernel, size, spec.stem_stride)
+    size = conv_output_size(size, spec.stem_stride)
+    channels = spec.stem_channels
+    for stage in spec.stages:
+        for layer in stage:
+            mid = layer.mid_channels(channels)
+            out_size = conv_output_size(size, layer.stride)
+            if layer.kind == "ir":
+                total_macs += channels * mid * size * size
+            total_macs += conv(mid, mid, layer.kernel, size, layer.stride, groups=mid)
+            if layer.se_ratio:
+                reduced = layer.se_channels(channels)
+                total_macs += 2 * mid * reduced
+            total_macs += mid * layer.out_channels * out_size * out_size
+            channels, size = layer.out_channels, out_size
+    total_macs += channels * spec.head_channels * size * size
+    return int(total_macs + (spec.head_channels * num_classes if num_classes else 0))

@@ -346,6 +346,20 @@ PRESETS = {
         stem_channels=16, stem_stride=2, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
         head_channels=320, resolution=32,
         description="small space for 28-32 px images, aligned with zoo 'fmnist_teacher'"),
+    # Native 28 px Fashion-MNIST where architectures really differ (issue 19): stride-2 stem to
+    # 14 px, every searched layer's input at least 7x7 (so 3/5/7 kernels are distinct
+    # functions: at 7x7 a 7x7 kernel reaches the whole map from the centre, a 5x5 does not),
+    # 3 layers per block with the identity op after each block's first layer (depth 1-3 per
+    # block) and expansion 3 or 6: 294 candidates per block, 294^3 = 25.4M networks whose
+    # multiply-adds span ~7x. Aligned with the zoo's `fmnist28_teacher` (stages 1..3:
+    # 14, 7, 7 px).
+    "fmnist28": lambda: SearchSpace(
+        name="fmnist28",
+        blocks=_blocks((3, 3, 3), (16, 24, 40), (24, 32, 48), (2, 1, 1), True),
+        stem_channels=16, stem_stride=2, first_layer=LayerSpec("ds", 3, 1, 1, 8, 0.25),
+        head_channels=192, resolution=28,
+        description="28 px space, depth (skip) and kernel/expansion choices, every searched "
+                    "layer at >= 7x7; aligned with zoo 'fmnist28_teacher'"),
     # Seconds-long end-to-end tests: two blocks of two MBConv3 ops, aligned with 'tiny_teacher'.
     "tiny": lambda: SearchSpace(
         name="tiny",

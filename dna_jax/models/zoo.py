@@ -69,6 +69,15 @@ SMALL_TEACHER_STAGES = [
     ["ir_r1_k3_s1_e6_c96"],
 ]
 
+# The `fmnist28` search space's teacher, for native 28 px images: stride-2 stem (14 px), stage 1
+# at 14 px, stages 2-3 at 7 px; stage widths 24/40/64 are the space's block targets.
+FMNIST28_TEACHER_STAGES = [
+    ["ds_r1_k3_s1_c16"],
+    ["ir_r2_k3_s2_e6_c24"],
+    ["ir_r2_k5_s1_e6_c32"],
+    ["ir_r2_k3_s1_e6_c48"],
+]
+
 # The `tiny` search space's teacher (tests): stage widths 8/16/24.
 TINY_TEACHER_STAGES = [
     ["ds_r1_k3_s1_c8"],
@@ -92,6 +101,8 @@ for _name in EFFICIENTNET_PARAMS:
 for _name in DNA_STAGES:
     _REGISTRY[_name] = functools.partial(_dna_spec, _name)
 _REGISTRY["fmnist_teacher"] = _small_teacher_spec
+_REGISTRY["fmnist28_teacher"] = lambda: NetworkSpec.from_strings(
+    "fmnist28_teacher", 16, _with_se(FMNIST28_TEACHER_STAGES), 320, stem_stride=2)
 _REGISTRY["tiny_teacher"] = lambda: NetworkSpec.from_strings(
     "tiny_teacher", 8, _with_se(TINY_TEACHER_STAGES), 64, stem_stride=1)
 

@@ -1,0 +1,400 @@
+r"""A ground truth for ranking fidelity: stand-alone accuracies with a measured noise ceiling.
+
+    python -m dna_jax.ground_truth --config configs/fmnist28_ground_truth.py \
+        --workdir workdir/fmnist28_ground_truth --out results/fmnist28_ground_truth.json [--commit]
+
+What it trains (issue 19, item 3):
+  * a sample stratified over cost: `num_bins` bins whose centres are log-spaced between the
+    `low_quantile` and `high_quantile` of the space's cost distribution; each bin holds
+    `per_bin` DISTINCT architectures whose cost is within `bin_tolerance` (relative) of the
+    centre, drawn at random among the pool members that qualify (so within a bin, size is
+    controlled and only the architecture differs);
+  * every architecture with seed 0, and `multi_seed_per_bin` architectures of every bin with
+    `num_seeds` seeds (the seed-noise ceiling);
+  * first the PILOT: `pilot_archs` of the multi-seed architectures (spread over the bins) x 2
+    seeds; its seed SD and accuracy spread are written to the file, so a reader sees whether
+    the training length met "seed SD <= spread / 4" before the rest was trained.
+
+Order: the pilot, then seed 0 of the other architectures interleaved over the bins (so a
+partial file is still stratified), then the extra seeds. Every run is one stand-alone training
+with the classifier trainer (`dna_jax.retrain`, recipe `config.standalone`), checkpointed in
+`<workdir>/runs/<arch>_s<seed>/`; a killed run resumes from its last checkpoint and finished
+runs are never retrained. After each run the JSON file (`--out`) is rewritten atomically with
+every result so far, and with `--commit` it is committed to git on its own (`git commit --only`),
+so a session that ends keeps what was done and a fresh machine continues from the file: a run
+whose result is already in the file is not trained again.
+
+The file (format_version 1) holds: `sample` (the sampling record and every architecture with
+its bin, encoding, block strings, params / macs / dna_flops / effective macs), `runs` (one
+entry per (architecture, seed): test accuracy and loss, steps, seconds, the commit and machine
+that trained it), `pilot` (its statistics), `recipe` (the stand-alone config), `command`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from dna_jax import artifacts
+from dna_jax import costs as costs_lib
+from dna_jax import data as data_lib
+from dna_jax import metrics as metrics_lib
+from dna_jax import retrain as retrain_lib
+from dna_jax import sharding as sharding_lib
+from dna_jax.models.childnet import build_childnet
+from dna_jax.space import Arch, SearchSpace, get_space
+
+FORMAT_VERSION = 1
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """Every field a ground-truth run reads.
+
+    Fields:
+      space: the search-space preset.
+      resolution: the images' size (the costs are counted there).
+      sample: seed, pool_size, num_bins, per_bin, bin_tolerance (relative half-width of a bin
+        around its centre), low_quantile / high_quantile (the range of bin centres, as
+        quantiles of the pool's cost), cost (the cost the bins cut: `macs`).
+      seeds: multi_seed_per_bin (architectures per bin trained with `num_seeds` seeds),
+        num_seeds (>= 3), pilot_archs (multi-seed architectures trained first with 2 seeds).
+      standalone: a full trainer config (dna_jax.retrain) for every run; its `seed` is set per
+        run.
+    """
+    config = ml_collections.ConfigDict()
+    config.space = "fmnist28"
+    config.resolution = 28
+    config.sample = dict(seed=0, pool_size=200_000, num_bins=6, per_bin=6, bin_tolerance=0.02,
+                         low_quantile=0.0005, high_quantile=0.9995, cost="macs")
+    config.seeds = dict(multi_seed_per_bin=1, num_seeds=3, pilot_archs=4)
+    config.standalone = retrain_lib.get_default_config()
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the field."""
+    get_space(config.space)
+    s, d = config.sample, config.seeds
+    if s.cost not in costs_lib.COST_NAMES:
+        raise ValueError(f"config.sample.cost must be one of {costs_lib.COST_NAMES}, got {s.cost!r}")
+    for name in ("num_bins", "per_bin", "pool_size"):
+        if s[name] < 1:
+            raise ValueError(f"config.sample.{name} must be >= 1, got {s[name]}")
+    if not 0.0 < s.bin_tolerance < 0.5:
+        raise ValueError(f"config.sample.bin_tolerance must be in (0, 0.5), got {s.bin_tolerance}")
+    if not 0.0 <= s.low_quantile < s.high_quantile <= 1.0:
+        raise ValueError("config.sample needs 0 <= low_quantile < high_quantile <= 1, got "
+                         f"{s.low_quantile}, {s.high_quantile}")
+    if d.num_seeds < 2 or not 0 <= d.multi_seed_per_bin <= s.per_bin:
+        raise ValueError("config.seeds: num_seeds must be >= 2 and multi_seed_per_bin in "
+                         f"0..per_bin, got {d.num_seeds}, {d.multi_seed_per_bin}")
+    if d.pilot_archs > d.multi_seed_per_bin * s.num_bins:
+        raise ValueError(f"config.seeds.pilot_archs={d.pilot_archs} exceeds the multi-seed "
+                         f"architectures ({d.multi_seed_per_bin} x {s.num_bins} bins)")
+    if config.resolution < 8:
+        raise ValueError(f"config.resolution must be >= 8, got {config.resolution}")
+
+
+# ---- the sample --------------------------------------------------------------------------------
+
+
+def arch_costs(space: SearchSpace, arch: Arch, resolution: int, num_classes: int
+               ) -> dict[str, int]:
+    """params, macs, dna_flops and effective_macs (padding taps excluded) of a child network."""
+    spec = space.to_network_spec(arch)
+    out = costs_lib.network_costs(spec, resolution, num_classes).total.as_dict()
+    out["effective_macs"] = costs_lib.effective_macs(spec, resolution, num_classes)
+    return out
+
+
+def cost_stratified_sample(space: SearchSpace, cfg: Any, resolution: int,
+                           num_classes: int = 10) -> list[dict[str, Any]]:
+    """Bins of near-equal-cost architectures (see the module docstring); deterministic.
+
+    Returns:
+      [{'bin', 'bin_centre', 'arch': Arch, 'cost'}], bin-major, `per_bin` per bin.
+
+    Raises:
+      ValueError: a bin has fewer than `per_bin` distinct qualifying architectures (widen
+        `bin_tolerance` or grow `pool_size`).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    blocks = [space.sample_block(b, cfg.pool_size, rng) for b in range(len(space.blocks))]
+    flat = np.concatenate(blocks, axis=1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    first = np.sort(first)
+    block_costs = sum(costs_lib.candidate_costs(space, b, blocks[b], resolution)[cfg.cost]
+                      for b in range(len(space.blocks))).astype(np.float64)
+    fixed = costs_lib.fixed_costs(space, resolution, num_classes).as_dict()[cfg.cost]
+    total = block_costs[first] + fixed
+    low, high = np.quantile(total, [cfg.low_quantile, cfg.high_quantile])
+    centres = np.geomspace(low, high, cfg.num_bins)
+    chosen: list[dict[str, Any]] = []
+    for b, centre in enumerate(centres):
+        inside = first[np.abs(total / centre - 1.0) <= cfg.bin_tolerance]
+        if len(inside) < cfg.per_bin:
+            raise ValueError(f"cost bin {b} (centre {centre:,.0f} {cfg.cost}) has {len(inside)} "
+                             f"distinct architectures within {cfg.bin_tolerance:.0%} in a pool of "
+                             f"{cfg.pool_size}, fewer than per_bin={cfg.per_bin}: raise "
+                             "config.sample.bin_tolerance or pool_size")
+        pick = rng.choice(inside, size=cfg.per_bin, replace=False)
+        for i in pick:
+            chosen.append({"bin": b, "bin_centre": float(centre),
+                           "arch": Arch.of(block[i] for block in blocks),
+                           "cost": float(block_costs[i] + fixed)})
+    return chosen
+
+
+def run_order(num_bins: int, per_bin: int, multi_seed_per_bin: int, num_seeds: int,
+              pilot_archs: int) -> list[tuple[int, int]]:
+    """(architecture index, seed) in training order: pilot, seed 0 interleaved, extra seeds.
+
+    The multi-seed architectures are the first `multi_seed_per_bin` of each bin; the pilot
+    takes `pilot_archs` of them spread over the bins (cheapest, dearest, between).
+    """
+    multi = [b * per_bin + j for j in range(multi_seed_per_bin) for b in range(num_bins)]
+    pilot_bins = np.unique(np.round(np.linspace(0, len(multi) - 1, pilot_archs)).astype(int))
+    pilot = [multi[i] for i in pilot_bins]
+    order = [(a, s) for a in pilot for s in (0, 1)]
+    done = set(order)
+    for j in range(per_bin):
+        for b in range(num_bins):
+            item = (b * per_bin + j, 0)
+            if item not in done:
+                order.append(item)
+                done.add(item)
+    for s in range(1, num_seeds):
+        for a in multi:
+            if (a, s) not in done:
+                order.append((a, s))
+                done.add((a, s))
+    return order
+
+
+# ---- statistics of the noise -------------------------------------------------------------------
+
+
+def seed_noise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Seed-to-seed SD (pooled over architectures with >= 2 seeds) against the spread of the
+    per-architecture mean accuracies (max - min, and the SD across architectures)."""
+    by_arch: dict[int, list[float]] = {}
+    for r in runs:
+        by_arch.setdefault(r["arch"], []).append(r["test_accuracy"])
+    multi = {a: v for a, v in by_arch.items() if len(v) >= 2}
+    if not multi:
+        return {"archs_with_seeds": 0}
+    pooled_var = (sum(np.var(v, ddof=1) * (len(v) - 1) for v in multi.values())
+                  / sum(len(v) - 1 for v in multi.values()))
+    means = np.asarray([np.mean(v) for v in by_arch.values()])
+    seed_sd = float(np.sqrt(pooled_var))
+    spread = float(means.max() - means.min())
+    return {"archs_with_seeds": len(multi), "seed_sd": seed_sd, "spread": spread,
+            "arch_sd": float(means.std(ddof=1)) if len(means) > 1 else None,
+            "sd_over_spread": seed_sd / spread if spread > 0 else None,
+            "meets_quarter_rule": bool(spread > 0 and seed_sd <= spread / 4)}
+
+
+# ---- the runs ----------------------------------------------------------------------------------
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        cpu = f"{names[0]} x{len(names)}" if names else cpu
+    except OSError:
+        pass
+    return f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {cpu}"
+
+
+def standalone_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(config.standalone.to_dict())
+    cfg.seed = seed
+    return cfg
+
+
+def train_one(config: ml_collections.ConfigDict, space: SearchSpace, arch: Arch, index: int,
+              seed: int, run_dir: str, train_data: data_lib.Dataset,
+              eval_data: data_lib.Dataset, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """One stand-alone training of one architecture with one seed (resumes in `run_dir`)."""
+    cfg = standalone_config(config, seed)
+    model = build_childnet(space, arch, train_data.info.num_classes,
+                           retrain_lib.layer_config_from(cfg.model),
+                           drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
+                           name=f"arch{index}")
+    figures = retrain_lib.train_and_evaluate(cfg, run_dir, model=model, train_data=train_data,
+                                             eval_data=eval_data, mesh=mesh)
+    return {"arch": index, "seed": seed, "test_accuracy": figures["test_accuracy"],
+            "test_loss": figures["test_loss"], "train_loss": figures["train_loss"],
+            "steps": figures["steps"], "train_time_s": figures["train_time_s"],
+            "wall_time_s": figures["wall_time_s"], "commit": _git_commit(),
+            "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _sample_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"space": config.space, "resolution": config.resolution,
+            **config.sample.to_dict(), **config.seeds.to_dict()}
+
+
+def load_file(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    data = artifacts.read_json(path)
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {data.get('format_version')}, expected "
+                         f"{FORMAT_VERSION}")
+    return data
+
+
+def commit_file(path: str, message: str) -> None:
+    """`git commit --only path` (retried while another git command holds the index lock)."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(path))).stdout.strip()
+    for attempt in range(10):
+        add = subprocess.run(["git", "add", "--", os.path.abspath(path)], cwd=root,
+                             capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "--only", "-m", message, "--", os.path.abspath(path)],
+            cwd=root, capture_output=True, text=True).returncode == 0
+        if done:
+            return
+        time.sleep(2 + 3 * attempt)
+    logging.warning("could not commit %s (git busy or nothing changed)", path)
+
+
+def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
+                     commit: bool = False, max_runs: int = 0,
+                     command: str = "") -> dict[str, Any]:
+    """Trains what the file does not hold yet, in order; returns the file's content."""
+    check_config(config)
+    space = get_space(config.space)
+    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    sample = cost_stratified_sample(space, config.sample, config.resolution)
+    order = run_order(config.sample.num_bins, config.sample.per_bin,
+                      config.seeds.multi_seed_per_bin, config.seeds.num_seeds,
+                      config.seeds.pilot_archs)
+    recipe = artifacts.to_jsonable(config.standalone.to_dict())
+    record = _sample_record(config)
+    data = load_file(out)
+    if data is not None and (data["sample"]["record"] != artifacts.to_jsonable(record)
+                             or data["recipe"] != recipe):
+        raise ValueError(f"{out} was made by another config "
+                         f"({artifacts.config_changes(data['sample']['record'], record)}; recipe "
+                         f"{'same' if data['recipe'] == recipe else 'changed'}): use another --out")
+    if data is None:
+        num_classes = 10
+        data = {"format_version": FORMAT_VERSION,
+                "description": ("stand-alone test accuracies of architectures of the "
+                                f"{space.name!r} space, stratified over {config.sample.cost}, "
+                                "for rating fidelity (dna_jax.ground_truth)"),
+                "command": command, "recipe": recipe,
+                "sample": {"record": artifacts.to_jsonable(record), "archs": [
+                    {"index": i, "bin": s["bin"], "bin_centre": s["bin_centre"],
+                     "blocks": [list(b) for b in s["arch"].blocks],
+                     "block_strings": space.to_network_spec(s["arch"]).to_strings(),
+                     **arch_costs(space, s["arch"], config.resolution, num_classes)}
+                    for i, s in enumerate(sample)]},
+                "order": [list(o) for o in order], "runs": [], "pilot": {}}
+    done = {(r["arch"], r["seed"]) for r in data["runs"]}
+    pilot_items = order[:2 * config.seeds.pilot_archs]
+    mesh = sharding_lib.mesh_from_config(config.standalone.mesh)
+    cfg = config.standalone
+    train_data = eval_data = None
+    trained = 0
+    for index, seed in order:
+        if (index, seed) in done:
+            continue
+        if max_runs and trained >= max_runs:
+            break
+        if train_data is None:
+            train_data = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True,
+                                               mesh=mesh, seed=0)
+            eval_data = data_lib.make_dataset(cfg.data, cfg.data.eval_split, training=False,
+                                              mesh=mesh, seed=0)
+        arch = sample[index]["arch"]
+        logging.info("ground truth: architecture %d (bin %d) seed %d: %s", index,
+                     sample[index]["bin"], seed, arch)
+        if seed != 0:  # the data order follows the run's seed too
+            run_train = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True,
+                                              mesh=mesh, seed=seed)
+        else:
+            run_train = train_data
+        result = train_one(config, space, arch, index, seed,
+                           os.path.join(workdir, "runs", f"arch{index:03d}_s{seed}"),
+                           run_train, eval_data, mesh)
+        data["runs"].append(result)
+        done.add((index, seed))
+        trained += 1
+        if all(item in done for item in pilot_items) and not data["pilot"]:
+            data["pilot"] = {"runs": [list(i) for i in pilot_items],
+                             **seed_noise([r for r in data["runs"]
+                                           if (r["arch"], r["seed"]) in set(pilot_items)])}
+            logging.info("ground truth pilot: %s", data["pilot"])
+        data["noise"] = seed_noise(data["runs"])
+        data["progress"] = {"runs_done": len(data["runs"]), "runs_planned": len(order)}
+        if jax.process_index() == 0:
+            artifacts.write_json(out, data)
+            if commit:
+                commit_file(out, f"ground truth: arch {index} seed {seed} "
+                                 f"({len(data['runs'])}/{len(order)} runs, test accuracy "
+                                 f"{result['test_accuracy']:.4f})")
+    return data
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    absl_logging.set_verbosity(absl_logging.INFO)
+    f = flags.FLAGS
+    data = run_ground_truth(f.config, f.workdir, f.out, commit=f.commit, max_runs=f.max_runs,
+                            command=" ".join(sys.argv))
+    print(metrics_lib.final_line({"runs_done": len(data["runs"]),
+                                  "runs_planned": len(data["order"]),
+                                  "pilot": data.get("pilot"), "noise": data.get("noise"),
+                                  "out": os.path.abspath(f.out)}), flush=True)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """python -m dna_jax.ground_truth --config ... --workdir ... --out ..."""
+    from absl import app, flags  # pylint: disable=import-outside-toplevel
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    config_flags.DEFINE_config_file("config", None, "Ground-truth config (file.py[:arg]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints of the runs (not committed).")
+    flags.DEFINE_string("out", None, "The versioned JSON file of results (commit it).")
+    flags.DEFINE_bool("commit", False, "git-commit the JSON file after every finished run.")
+    flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0 = all).")
+    flags.mark_flags_as_required(["config", "workdir", "out"])
+    app.run(main, argv=sys.argv if argv is None else ["dna_jax.ground_truth", *argv])
+
+
+if __name__ == "__main__":
+    run()
