@@ -88,7 +88,11 @@ def get_default_config() -> ml_collections.ConfigDict:
         (a full trainer config, dna_jax.retrain.get_default_config).
       distill: dna_jax.distill.get_default_config (includes the search space name).
       rate: dna_jax.rate.get_default_config plus `split`, `num_batches` (R rating batches),
-        `batch_size`.
+        `batch_size`, and `recalibration_images`: how many training images recalibrate each
+        candidate's BatchNorm ('recalibrate' mode; the first ones of the training stream).
+        The original used one batch; on small maps fed by heavy-tailed teacher features one
+        batch of 128 left every candidate of `small`'s 2x2 block 3 worse than a constant
+        predictor (issue 19), so the default is 2,048; 0 = one training batch (the original).
       search: the budget: `budget` (absolute, in `cost` units) or, if 0, `budget_fraction` x
         the teacher's cost; optional `params_budget`; `combine`, `standardize`, `top_k`,
         `method` ('exact' or 'beam' with `beam_width`).
@@ -119,6 +123,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     rate.split = "test"
     rate.num_batches = 1
     rate.batch_size = 64
+    rate.recalibration_images = 2048
     config.rate = rate
     config.search = dict(cost="macs", budget=0.0, budget_fraction=0.5, params_budget=0.0,
                          combine="sum", standardize=False, top_k=5, method="exact",
@@ -356,11 +361,25 @@ def load_stage_supernet(ctx: Context) -> dict[str, Any]:
 # ---- stage: rate -------------------------------------------------------------------------------
 
 
-def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """(R rating batches [R, B, H, W, C] of `rate.split`, the recalibration batch [B, H, W, C]).
+def recalibration_images(data_cfg: Any, split: str, count: int, seed: int) -> np.ndarray:
+    """The first `count` images of the training stream [count, H, W, C] (augmented as in
+    training, seeded); `count` 0 = one training batch (the original's recalibration batch)."""
+    train = data_lib.make_dataset(data_cfg, split, training=True, seed=seed)
+    images, total = [], 0
+    for batch in train.host_batches(0):
+        images.append(batch["image"])
+        total += len(batch["image"])
+        if total >= max(count, 1):
+            break
+    return np.concatenate(images)[:count] if count else images[0]
 
-    As in the original, the recalibration batch is the first training batch and the rating
-    batches are the first R (whole) batches of the held-out split.
+
+def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """(R rating batches [R, B, H, W, C] of `rate.split`, the recalibration images [N, H, W, C]).
+
+    The rating batches are the first R (whole) batches of the held-out split; the
+    recalibration images the first `rate.recalibration_images` of the training stream (the
+    original: its first batch).
     """
     cfg = ctx.config
     rate_data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
@@ -377,8 +396,8 @@ def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(f"rate.split={cfg.rate.split!r} has {len(batches)} whole batches of "
                          f"{cfg.rate.batch_size}, rate.num_batches asks for "
                          f"{cfg.rate.num_batches}: lower one of them or use a larger split")
-    train = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True, seed=cfg.seed)
-    recal = next(iter(train.host_batches(0)))["image"]
+    recal = recalibration_images(cfg.data, cfg.data.train_split,
+                                 cfg.rate.get("recalibration_images", 0), cfg.seed)
     return np.stack(batches), recal
 
 
@@ -389,7 +408,8 @@ def _rating_summaries(ctx: Context, paths: Sequence[tuple[str, str]]) -> dict[st
         summary = artifacts.read_json(summary_path)
         blocks[block.name] = {"candidates": summary["candidates"],
                               "best": summary["top_k"][0] if summary["top_k"] else None,
-                              "seconds": summary["rating"].get("seconds")}
+                              "seconds": summary["rating"].get("seconds"),
+                              "fit_mse_var": summary.get("fit_mse_var")}
     return blocks
 
 
@@ -582,7 +602,9 @@ def run_report(ctx: Context) -> dict[str, Any]:
         "winner_score": search.get("winner", {}).get("score"),
         "best_per_block": {k: v.get("best") for k, v in rate.get("blocks", {}).items()},
         "candidates_rated": rate.get("candidates"),
+        "fit_mse_var": {k: v.get("fit_mse_var") for k, v in rate.get("blocks", {}).items()},
         "distill_val_loss_ratio": distill.get("val_loss_ratio"),
+        "distill_updates_per_op": distill.get("updates_per_op"),
         "stage_wall_seconds": walls,
         "wall_seconds": float(sum(v for v in walls.values() if v)),
     }
@@ -636,8 +658,21 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
     for name, best in summary["best_per_block"].items():
         if best:
             lines.append(f"| {name} | {', '.join(best['ops'])} | {best['score']:.4f} |")
+    fits = {k: v for k, v in (summary.get("fit_mse_var") or {}).items() if v}
+    if fits:
+        lines += ["", "## How well each block's candidates fit the target", "",
+                  "mse / var(target) in the rating's BatchNorm mode: best, median and worst "
+                  "candidate, and the constant predictor (the per-channel mean). A block whose "
+                  "best candidate does not beat the constant is rated by noise.", "",
+                  "| block | best | median | worst | constant | beats constant |",
+                  "|---|---|---|---|---|---|"]
+        for name, fit in fits.items():
+            lines.append(f"| {name} | {fit['best']:.3f} | {fit['median']:.3f} | "
+                         f"{fit['worst']:.3f} | {fit['constant']:.3f} | "
+                         f"{'yes' if fit['beats_constant'] else '**no**'} |")
     lines += ["", f"Candidates rated: {summary['candidates_rated']}. Distillation validation "
-              f"loss, final / initial per block: {summary['distill_val_loss_ratio']}.", "",
+              f"loss, final / initial per block: {summary['distill_val_loss_ratio']}; updates per op "
+              f"per block: {summary.get('distill_updates_per_op')}.", "",
               *([f"DNA++ (no teacher, {summary.get('ssl_schedule')} schedule): final SSL "
                  f"loss per block {summary.get('ssl_loss_final')}, output std "
                  f"{summary.get('ssl_output_std_final')} (1 = spread, 0 = collapsed).", ""]
@@ -667,8 +702,9 @@ def ssl_rating_views(ctx: Context) -> tuple[np.ndarray, np.ndarray | None]:
                                   cfg.rate.num_batches, cfg.rate.batch_size, cfg.seed)
     recal = None
     if cfg.rate.bn_mode == "recalibrate":
+        count = cfg.rate.get("recalibration_images", 0) or cfg.data.batch_size
         recal = views_lib.fixed_views(cfg.data, cfg.data.train_split, cfg.ssl.augment, 1,
-                                      cfg.data.batch_size, cfg.seed + 1)[:, 0]
+                                      count, cfg.seed + 1)[:, 0]
     return views, recal
 
 
@@ -835,6 +871,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.search.cost!r}")
     if config.rate.num_batches < 1 or config.rate.batch_size < 1:
         raise ValueError("config.rate.num_batches and config.rate.batch_size must be >= 1")
+    if config.rate.get("recalibration_images", 0) < 0:
+        raise ValueError("config.rate.recalibration_images must be >= 0 (0 = one training "
+                         f"batch), got {config.rate.recalibration_images}")
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:

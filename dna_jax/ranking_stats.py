@@ -1,16 +1,20 @@
-"""Rank correlation statistics for ranking fidelity: Kendall tau-b, Spearman rho, top-k overlap,
-and percentile bootstrap confidence intervals over resampled architectures (numpy only).
+"""Rank statistics for rating fidelity, on scipy: Kendall tau-b, Spearman rho, partial Spearman
+given cost, tau within cost bins, top-k overlap, regret under a budget, and percentile
+bootstrap intervals over resampled architectures (`scipy.stats.bootstrap`).
 
 Convention: every function compares a TRUTH (stand-alone accuracy, higher = better) with a
 PREDICTION oriented the same way (higher = predicted better). A loss-like rating (the DNA
-score, lower = better) must be negated before it is passed in.
+score, lower = better) must be negated before it is passed in. Undefined statistics (one side
+constant) are NaN.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats
 
 
 def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -22,47 +26,66 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def kendall_tau(x, y) -> float:
-    """Kendall's tau-b (ties in either variable corrected); NaN if one side is constant.
+def _constant(x: np.ndarray) -> bool:
+    return len(x) < 2 or bool(np.all(x == x[0]))
 
-    tau_b = (concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y)) over all pairs,
-    the same as scipy.stats.kendalltau's default. O(n^2) memory: for n up to a few thousand.
-    """
+
+def kendall_tau(x, y) -> float:
+    """Kendall's tau-b (ties in either variable corrected); NaN if one side is constant."""
     x, y = _pair(x, y)
-    upper = np.triu_indices(len(x), k=1)
-    sx = np.sign(x[:, None] - x[None, :])[upper]
-    sy = np.sign(y[:, None] - y[None, :])[upper]
-    denominator = np.sqrt(float(np.count_nonzero(sx)) * float(np.count_nonzero(sy)))
-    if denominator == 0.0:
+    if _constant(x) or _constant(y):
         return float("nan")
-    return float(np.sum(sx * sy) / denominator)
+    return float(stats.kendalltau(x, y).statistic)
 
 
 def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n, tied values sharing the mean of their ranks (scipy's 'average')."""
-    x = np.asarray(x, np.float64).reshape(-1)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    sorted_x = x[order]
-    start = 0
-    while start < len(x):
-        stop = start + 1
-        while stop < len(x) and sorted_x[stop] == sorted_x[start]:
-            stop += 1
-        ranks[order[start:stop]] = 0.5 * (start + stop - 1) + 1.0
-        start = stop
-    return ranks
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    return stats.rankdata(np.asarray(x, np.float64).reshape(-1), method="average")
 
 
 def spearman_rho(x, y) -> float:
-    """Spearman's rho: Pearson correlation of average ranks; NaN if one side is constant."""
+    """Spearman's rho (Pearson correlation of average ranks); NaN if one side is constant."""
     x, y = _pair(x, y)
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = np.sqrt(np.sum(rx * rx) * np.sum(ry * ry))
-    if denominator == 0.0:
+    if _constant(x) or _constant(y):
         return float("nan")
-    return float(np.sum(rx * ry) / denominator)
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def partial_spearman(x, y, control) -> float:
+    """Spearman correlation of x and y with `control` partialled out: the Pearson correlation
+    of the residuals of rank(x) and rank(y) after a least-squares fit on rank(control). With
+    control = cost it asks what a rating says about accuracy BEYOND size (any monotone
+    transform of the cost, e.g. log, gives the same value). NaN if undefined."""
+    x, y = _pair(x, y)
+    c = np.asarray(control, np.float64).reshape(-1)
+    if c.shape != x.shape:
+        raise ValueError(f"control has shape {c.shape}, expected {x.shape}")
+    if _constant(x) or _constant(y):
+        return float("nan")
+    rx, ry, rc = (stats.rankdata(v) for v in (x, y, c))
+    design = np.stack([np.ones_like(rc), rc], axis=1)
+    residual = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in (rx, ry)]
+    if min(np.std(r) for r in residual) < 1e-12:
+        return float("nan")
+    return float(stats.pearsonr(*residual).statistic)
+
+
+def within_bin_tau(x, y, bins) -> float:
+    """Kendall tau-b within groups of near-equal cost (`bins`: a group label per item): the
+    per-bin tau values averaged with weights n_b (n_b - 1) / 2 (their pair counts), skipping
+    bins where it is undefined. Size cannot explain it when a bin's costs are equal."""
+    x, y = _pair(x, y)
+    bins = np.asarray(bins).reshape(-1)
+    values, weights = [], []
+    for b in np.unique(bins):
+        member = bins == b
+        tau = kendall_tau(x[member], y[member]) if member.sum() >= 2 else float("nan")
+        if np.isfinite(tau):
+            values.append(tau)
+            weights.append(member.sum() * (member.sum() - 1) / 2)
+    if not values:
+        return float("nan")
+    return float(np.average(values, weights=weights))
 
 
 def top_k_overlap(truth, prediction, k: int) -> float:
@@ -78,15 +101,31 @@ def top_k_overlap(truth, prediction, k: int) -> float:
     return len(set(best_truth.tolist()) & set(best_prediction.tolist())) / k
 
 
+def regret(truth, prediction, cost, budget: float) -> float:
+    """Accuracy lost by trusting the prediction under a budget: the best true accuracy among
+    items with cost <= budget minus the true accuracy of the prediction's best such item
+    (0 = it picked the truly best; ties in the prediction go to the earlier item). NaN if
+    nothing fits the budget."""
+    truth, prediction = _pair(truth, prediction)
+    fits = np.asarray(cost, np.float64).reshape(-1) <= budget
+    if not fits.any():
+        return float("nan")
+    index = np.flatnonzero(fits)
+    chosen = index[np.argmax(prediction[index])]
+    return float(truth[index].max() - truth[chosen])
+
+
 Statistic = Callable[[np.ndarray, np.ndarray], float]
 
 
 def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples: int = 1000,
-                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic(truth, prediction)`.
+                       confidence: float = 0.95, seed: int = 0,
+                       extra: Sequence[np.ndarray] = ()) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(truth, prediction, *extra)` over resampled
+    architectures (`scipy.stats.bootstrap`, paired: an architecture's values move together).
 
-    Resamples the architectures (pairs) with replacement; resamples where the statistic is
-    undefined (NaN, e.g. every value tied) are dropped. Deterministic for a given seed.
+    Resamples where the statistic is undefined (NaN, e.g. every value tied) are dropped.
+    Deterministic for a given seed.
 
     Returns:
       (low, high); (nan, nan) if no resample gave a value.
@@ -94,40 +133,60 @@ def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples
     truth, prediction = _pair(truth, prediction)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    n = len(truth)
-    values = []
-    for _ in range(num_resamples):
-        index = rng.integers(0, n, size=n)
-        value = statistic(truth[index], prediction[index])
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
+    extra = [np.asarray(e).reshape(-1) for e in extra]
+    values: list[float] = []
+
+    def resampled(index: np.ndarray) -> float:
+        index = np.asarray(index, int)
+        value = statistic(truth[index], prediction[index], *(e[index] for e in extra))
+        values.append(value)
+        return 0.0 if np.isnan(value) else value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats.bootstrap((np.arange(len(truth)),), resampled, vectorized=False,
+                        n_resamples=num_resamples, method="percentile",
+                        confidence_level=confidence, random_state=np.random.default_rng(seed))
+    # scipy evaluates the statistic once on the data, then on each resample: keep the
+    # resamples, drop undefined ones, and take the percentile interval of the rest.
+    sample = np.asarray(values[-num_resamples:], np.float64)
+    sample = sample[np.isfinite(sample)]
+    if not len(sample):
         return float("nan"), float("nan")
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(np.asarray(values), [alpha, 1.0 - alpha])
+    low, high = np.quantile(sample, [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 
 def compare(truth, prediction, *, top_k: int, num_resamples: int = 1000,
-            confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Kendall tau-b, Spearman rho and top-k overlap with bootstrap intervals.
+            confidence: float = 0.95, seed: int = 0, cost=None, bins=None,
+            budgets: Sequence[float] = ()) -> dict[str, float]:
+    """Kendall tau-b, Spearman rho, top-k overlap (and, given `cost` / `bins` / `budgets`,
+    partial Spearman given cost, within-bin tau, regret per budget), each with a bootstrap
+    interval.
 
     Returns:
-      {'kendall', 'kendall_low', 'kendall_high', 'spearman', ..., 'top_k', ...,
-      'k': top_k}; the intervals share the resampled indices across the statistics only
-      through the seed (each statistic gets its own draw from the same seed).
+      {'kendall', 'kendall_low', 'kendall_high', 'spearman', ..., 'top_k', ..., 'k': top_k,
+      'partial_spearman', ..., 'within_bin_kendall', ..., 'regret@<budget>', ...}.
     """
     truth, prediction = _pair(truth, prediction)
     k = min(top_k, len(truth))
-    statistics: dict[str, Statistic] = {
-        "kendall": kendall_tau, "spearman": spearman_rho,
-        "top_k": lambda a, b: top_k_overlap(a, b, k),
+    statistics: dict[str, tuple[Statistic, tuple]] = {
+        "kendall": (kendall_tau, ()), "spearman": (spearman_rho, ()),
+        "top_k": (lambda a, b: top_k_overlap(a, b, k), ()),
     }
+    if cost is not None:
+        statistics["partial_spearman"] = (partial_spearman, (np.asarray(cost, np.float64),))
+        for budget in budgets:
+            statistics[f"regret@{budget:.6g}"] = (
+                lambda a, b, c, budget=budget: regret(a, b, c, budget),
+                (np.asarray(cost, np.float64),))
+    if bins is not None:
+        statistics["within_bin_kendall"] = (within_bin_tau, (np.asarray(bins),))
     out: dict[str, float] = {"k": k}
-    for name, statistic in statistics.items():
-        out[name] = statistic(truth, prediction)
+    for name, (statistic, extra) in statistics.items():
+        out[name] = statistic(truth, prediction, *extra)
         out[f"{name}_low"], out[f"{name}_high"] = bootstrap_interval(
             truth, prediction, statistic, num_resamples=num_resamples, confidence=confidence,
-            seed=seed)
+            seed=seed, extra=extra)
     return out

@@ -432,14 +432,32 @@ def plan_traversal(trie: CandidateTrie, owners: list[np.ndarray], num_devices: i
 
 
 def teacher_batch_stats(targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per rating batch: var, std and mean |t| of the teacher output t [R, B, ...] (float64)."""
-    var, std, mean_abs = [], [], []
+    """Per rating batch: var, std and mean |t| of the teacher output t [R, B, ..., C]
+    (float64), and `constant_mse`: the mean squared error of the best CONSTANT predictor, the
+    per-channel mean of t over all R batches (the baseline a candidate has to beat: a block
+    whose best candidate does not is not rated by what it computes)."""
+    targets = np.asarray(targets)
+    channel_mean = targets.reshape(-1, targets.shape[-1]).mean(0, dtype=np.float64)
+    var, std, mean_abs, constant = [], [], [], []
     for t in targets:
         t = np.asarray(t, np.float64)
         var.append(t.var())
         std.append(np.sqrt(var[-1]))
         mean_abs.append(np.abs(t).mean())
-    return {"var": np.asarray(var), "std": np.asarray(std), "mean_abs": np.asarray(mean_abs)}
+        constant.append(np.square(t - channel_mean).mean())
+    return {"var": np.asarray(var), "std": np.asarray(std), "mean_abs": np.asarray(mean_abs),
+            "constant_mse": np.asarray(constant)}
+
+
+def fit_summary(mse_var: np.ndarray, constant_mse_var: float) -> dict[str, Any]:
+    """How well a block's candidates fit the target, in units of var(target): the best,
+    median and worst candidate's mse / var(t) against the constant predictor's (< 1: the
+    per-channel mean explains part of the variance). `beats_constant` is False when even the
+    best candidate is no better than predicting the per-channel mean."""
+    mse_var = np.asarray(mse_var, np.float64)
+    return {"best": float(mse_var.min()), "median": float(np.median(mse_var)),
+            "worst": float(mse_var.max()), "constant": float(constant_mse_var),
+            "beats_constant": bool(mse_var.min() < constant_mse_var)}
 
 
 def combine_metrics(batch_mse: np.ndarray, batch_mae: np.ndarray,
@@ -517,7 +535,10 @@ class BlockRating:
 
 
 def _finish_rating(encodings, batch_mse, batch_mae, targets, rank_metric, info) -> BlockRating:
-    metrics = combine_metrics(batch_mse, batch_mae, teacher_batch_stats(targets))
+    stats = teacher_batch_stats(targets)
+    metrics = combine_metrics(batch_mse, batch_mae, stats)
+    info = {**info, "fit_mse_var": fit_summary(
+        metrics["mse_var"], float((stats["constant_mse"] / stats["var"]).mean()))}
     return BlockRating(np.asarray(encodings, np.int32), batch_mse, batch_mae, metrics,
                        rank_metric, info)
 
@@ -1160,6 +1181,20 @@ def save_rating(path_prefix: str, rating: BlockRating, space: SearchSpace, block
     return npz, summary
 
 
+def warn_if_unfit(block_name: str, fit: Mapping[str, Any]) -> bool:
+    """Logs a warning naming the block if its best candidate does not beat the constant
+    predictor (its scores then measure noise, not what the candidates compute); returns
+    whether it warned."""
+    if fit["beats_constant"]:
+        return False
+    logging.warning(
+        "%s: the best candidate's mse / var(target) is %.3f, no better than the constant "
+        "predictor's %.3f: this block's scores do not say which candidate computes the target "
+        "better (too few recalibration images? an undertrained supernet?). Consider "
+        "search.unfit_blocks='exclude'.", block_name, fit["best"], fit["constant"])
+    return True
+
+
 def rating_summary(rating: BlockRating, space: SearchSpace, block_index: int,
                    costs: Mapping[str, np.ndarray], fingerprint: str = "",
                    top_k: int = 10) -> dict:
@@ -1182,6 +1217,7 @@ def rating_summary(rating: BlockRating, space: SearchSpace, block_index: int,
                     for name, v in rating.metrics.items()},
         "spearman_with_score": {name: _correlation(ranks[name], ranks[rating.rank_metric])
                                 for name in ranks},
+        "fit_mse_var": rating.info.get("fit_mse_var"),
         "top_k": top,
     }
 
@@ -1288,6 +1324,7 @@ def rate_blocks(space: SearchSpace, blocks: Sequence[SupernetBlock],
         rater = BlockRater(blocks[k], variables[name], config, mesh)
         rating = rater.rate(inputs, targets, recal_io[k][0] if recal_io else None, encodings)
         save_rating(prefix, rating, space, k, fingerprint, config.top_k, config.cost_resolution)
+        warn_if_unfit(name, rating.info["fit_mse_var"])
         best = int(np.argmin(rating.score))
         logging.info("%s: %d candidates in %.1f s (%.1f/s); best %s %s = %.4f", name,
                      len(rating), rating.info["seconds"], rating.info["candidates_per_second"],

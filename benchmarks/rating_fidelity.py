@@ -1,0 +1,79 @@
+r"""Does the rating work? Every method against the ground truth, with size-controlled statistics.
+
+    .venv/bin/python benchmarks/rating_fidelity.py \
+        --ground_truth results/fmnist28_ground_truth.json \
+        --rate_dir dna=workdir/fmnist28_dna/rate --out results/fmnist28_fidelity.json
+
+`--rate_dir NAME=DIR` may be repeated (e.g. a second rating of the same supernet in BatchNorm
+'batch' mode, or a DNA++ rating); each adds `NAME[<metric>,<aggregation>]` rows. Size
+(macs, effective_macs, params, dna_flops), SynFlow and a seeded random score are always
+compared. Works on a partial ground truth (the architectures trained so far). Writes the
+JSON (every statistic with its 95% bootstrap interval, the noise ceiling), a markdown table
+beside it (`.md`) and a plot (`.png`); the last output line is one JSON object with the
+headline figures (Kendall tau and partial Spearman per method, the noise ceiling).
+See dna_jax/fidelity.py for the methods and statistics.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dna_jax import artifacts, fidelity  # noqa: E402
+
+flags.DEFINE_string("ground_truth", None, "A dna_jax.ground_truth results file.")
+flags.DEFINE_multi_string("rate_dir", [], "NAME=DIR of rating tables (repeatable).")
+flags.DEFINE_string("out", None, "Where the JSON goes (.md and .png beside it).")
+flags.DEFINE_integer("top_k", 5, "k of the top-k overlap.")
+flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.")
+flags.DEFINE_integer("min_archs", 6, "Refuse to compare fewer trained architectures.")
+flags.mark_flags_as_required(["ground_truth", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    truth = fidelity.GroundTruth(artifacts.read_json(FLAGS.ground_truth))
+    if len(truth) < FLAGS.min_archs:
+        raise SystemExit(f"{FLAGS.ground_truth}: {len(truth)} architectures trained so far, "
+                         f"fewer than --min_archs={FLAGS.min_archs}")
+    predictions = {name: values for name, values in truth.costs.items()}
+    predictions["synflow"] = fidelity.synflow_scores(truth.space, truth.archs, truth.resolution)
+    predictions["random"] = np.random.default_rng(0).normal(size=len(truth))
+    for item in FLAGS.rate_dir:
+        name, _, directory = item.partition("=")
+        if not directory:
+            raise SystemExit(f"--rate_dir {item!r}: expected NAME=DIR")
+        tables = fidelity.load_block_tables(directory, truth.space)
+        for key, values in fidelity.dna_predictions(tables, truth.archs).items():
+            predictions[key.replace("dna", name, 1)] = values
+    result = fidelity.compare_all(truth, predictions, top_k=FLAGS.top_k,
+                                  num_resamples=FLAGS.resamples)
+    result.update({"ground_truth": FLAGS.ground_truth, "rate_dirs": FLAGS.rate_dir,
+                   "runs": len(truth.data["runs"]),
+                   "archs_with_seeds": int(sum(len(s) >= 2 for s in truth.seeds)),
+                   "predictions": {k: v.tolist() for k, v in predictions.items()},
+                   "accuracy": truth.accuracy.tolist(), "bins": truth.bins.tolist(),
+                   "seconds": time.perf_counter() - start})
+    base = os.path.splitext(FLAGS.out)[0]
+    artifacts.write_json(FLAGS.out, json.loads(json.dumps(result, default=float),
+                                               parse_constant=lambda _: None))
+    artifacts.write_text(f"{base}.md", fidelity.render_table(result))
+    shown = [m for m in ("macs", "synflow", "dna[cl_loss,sum]", "dna[mse_var,rank]")
+             if m in predictions]
+    fidelity.plot(truth, predictions, shown, f"{base}.png")
+    print(fidelity.render_table(result))
+    headline = {name: {"kendall": s["kendall"], "partial_spearman": s.get("partial_spearman")}
+                for name, s in result["methods"].items()}
+    print(json.dumps({"num_archs": len(truth), "noise": result["noise"], "methods": headline,
+                      "out": FLAGS.out}, default=float))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,241 @@
+r"""Does the rating work? Every rating method against one ground truth, size-controlled.
+
+    python benchmarks/rating_fidelity.py --ground_truth results/fmnist28_ground_truth.json \
+        --rate_dir workdir/fmnist28_dna/rate --out results/fmnist28_fidelity.json
+
+Inputs: a ground-truth file written by `dna_jax.ground_truth` (architectures in cost bins,
+stand-alone test accuracies, some with several seeds) and, per DNA variant, a folder of rating
+tables (`rate/` of a pipeline run on the same space). The truth of an architecture is its mean
+test accuracy over the seeds it has.
+
+Methods (each oriented so that higher = predicted better; see ranking_stats):
+  dna[<metric>, <aggregation>]: the rating tables' metric summed over blocks, NEGATED (a loss);
+    aggregations: `sum` (the paper's), `fit_blocks` (blocks whose best candidate does not beat
+    the constant predictor left out), `zscore` (each block's scores standardised over its
+    candidates first), `rank` (each block's scores replaced by their rank among its
+    candidates, as a fraction).
+  macs, effective_macs (padding taps excluded), params, dna_flops: size (bigger = better).
+  synflow: the zero-cost proxy of Tanaka et al. 2020 on the randomly initialised child
+    network (sum |theta * dR/dtheta|, R the summed output for an all-ones input with |theta|).
+  random: a seeded random score (what chance looks like at this sample size).
+
+Statistics per method: Kendall tau-b and Spearman rho with accuracy, tau within cost bins,
+partial Spearman given log(cost), top-k overlap and regret at two budgets, each with a 95%
+bootstrap interval over architectures; plus the seed-noise ceiling (what a perfect predictor of
+the mean accuracy would score against single-seed accuracies, simulated with the measured seed
+SD, and tau between two seeds where they exist).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dna_jax import ranking_stats
+from dna_jax.space import Arch, SearchSpace, get_space
+
+AGGREGATIONS = ("sum", "fit_blocks", "zscore", "rank")
+SIZE_METHODS = ("macs", "effective_macs", "params", "dna_flops")
+
+
+# ---- the ground truth --------------------------------------------------------------------------
+
+
+class GroundTruth:
+    """The architectures of a ground-truth file and their mean accuracies (trained ones only)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self.data = data
+        archs = data["sample"]["archs"]
+        by_arch: dict[int, dict[int, float]] = {}
+        for run in data["runs"]:
+            by_arch.setdefault(run["arch"], {})[run["seed"]] = run["test_accuracy"]
+        self.indices = sorted(by_arch)
+        self.seeds = [by_arch[i] for i in self.indices]
+        self.accuracy = np.asarray([np.mean(list(s.values())) for s in self.seeds])
+        self.archs = [Arch.of(archs[i]["blocks"]) for i in self.indices]
+        self.bins = np.asarray([archs[i]["bin"] for i in self.indices])
+        self.costs = {name: np.asarray([archs[i][name] for i in self.indices], np.float64)
+                      for name in SIZE_METHODS if name in archs[0]}
+        self.space = get_space(data["sample"]["record"]["space"])
+        self.resolution = int(data["sample"]["record"]["resolution"])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def seed_sd(self) -> float:
+        """Pooled seed-to-seed SD over architectures with >= 2 seeds (NaN if none)."""
+        groups = [list(s.values()) for s in self.seeds if len(s) >= 2]
+        if not groups:
+            return float("nan")
+        return float(np.sqrt(sum(np.var(g, ddof=1) * (len(g) - 1) for g in groups)
+                             / sum(len(g) - 1 for g in groups)))
+
+    def noise_ceiling(self, num_draws: int = 2000, seed: int = 0) -> dict[str, float]:
+        """What seed noise alone costs a perfect predictor.
+
+        `simulated_kendall`: median (and 95% range) of tau between the mean accuracies and
+        the means plus Gaussian noise of the measured seed SD (per architecture divided by
+        sqrt(its seed count)), i.e. the tau a predictor that knew each network's expected
+        accuracy would score against this file. `two_seed_kendall`: tau between seed 0 and
+        seed 1 over the architectures that have both.
+        """
+        sd = self.seed_sd()
+        out: dict[str, float] = {"seed_sd": sd, "spread": float(np.ptp(self.accuracy))
+                                 if len(self) else float("nan")}
+        if np.isfinite(sd) and len(self) >= 3:
+            rng = np.random.default_rng(seed)
+            counts = np.asarray([len(s) for s in self.seeds], np.float64)
+            taus = [ranking_stats.kendall_tau(
+                self.accuracy, self.accuracy + rng.normal(size=len(self)) * sd / np.sqrt(counts))
+                for _ in range(num_draws)]
+            out["simulated_kendall"] = float(np.nanmedian(taus))
+            out["simulated_kendall_low"], out["simulated_kendall_high"] = (
+                float(v) for v in np.nanquantile(taus, [0.025, 0.975]))
+        both = [(s[0], s[1]) for s in self.seeds if 0 in s and 1 in s]
+        if len(both) >= 3:
+            a, b = np.asarray(both).T
+            out["two_seed_kendall"] = ranking_stats.kendall_tau(a, b)
+            out["two_seed_archs"] = len(both)
+        return out
+
+
+# ---- the ratings -------------------------------------------------------------------------------
+
+
+def load_block_tables(rate_dir: str, space: SearchSpace) -> list[dict[str, Any]]:
+    """Per block: {'rows': encoding -> row, 'metrics': {name: [N]}, 'fit': summary or None}."""
+    from dna_jax import artifacts  # pylint: disable=import-outside-toplevel
+    tables = []
+    for block in space.blocks:
+        prefix = os.path.join(rate_dir, block.name)
+        with np.load(f"{prefix}.npz", allow_pickle=False) as data:
+            metrics = {k.removeprefix("metric_"): np.asarray(data[k], np.float64)
+                       for k in data.files if k.startswith("metric_")}
+            rows = {tuple(int(o) for o in e): i for i, e in enumerate(data["encodings"])}
+        summary = artifacts.read_json(f"{prefix}.json") if os.path.exists(f"{prefix}.json") else {}
+        tables.append({"rows": rows, "metrics": metrics, "fit": summary.get("fit_mse_var")})
+    return tables
+
+
+def _normalise(values: np.ndarray, aggregation: str) -> np.ndarray:
+    if aggregation == "zscore":
+        sd = values.std()
+        return (values - values.mean()) / sd if sd > 0 else np.zeros_like(values)
+    if aggregation == "rank":
+        from scipy import stats  # pylint: disable=import-outside-toplevel
+        return stats.rankdata(values) / len(values)
+    return values
+
+
+def dna_predictions(tables: Sequence[Mapping[str, Any]], archs: Sequence[Arch]
+                    ) -> dict[str, np.ndarray]:
+    """{'dna[<metric>,<aggregation>]': NEGATED aggregated block losses [M]} for every metric
+    the tables hold and every aggregation."""
+    out = {}
+    metrics = sorted(set.intersection(*(set(t["metrics"]) for t in tables)))
+    for metric in metrics:
+        for aggregation in AGGREGATIONS:
+            total = np.zeros(len(archs))
+            for b, table in enumerate(tables):
+                if aggregation == "fit_blocks" and table["fit"] and not table["fit"]["beats_constant"]:
+                    continue
+                column = _normalise(table["metrics"][metric], aggregation)
+                for a, arch in enumerate(archs):
+                    row = table["rows"].get(tuple(arch.blocks[b]))
+                    if row is None:
+                        raise ValueError(f"block {b}: candidate {list(arch.blocks[b])} of "
+                                         "architecture {a} is not in the rating table")
+                    total[a] += column[row]
+            out[f"dna[{metric},{aggregation}]"] = -total
+    return out
+
+
+def synflow_scores(space: SearchSpace, archs: Sequence[Arch], resolution: int,
+                   num_classes: int = 10, seed: int = 0) -> np.ndarray:
+    """SynFlow (Tanaka et al. 2020) of each architecture's randomly initialised child
+    network: with every parameter replaced by its absolute value and BatchNorm in inference
+    mode at its initial statistics, R = sum of the logits for an all-ones image, score =
+    sum over parameters of |theta * dR/dtheta| (computed in float64 logs-free, float32)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from dna_jax.models.childnet import build_childnet  # pylint: disable=import-outside-toplevel
+    from dna_jax.models.layers import LayerConfig  # pylint: disable=import-outside-toplevel
+
+    scores = []
+    x = jnp.ones((1, resolution, resolution, 3), jnp.float32)
+    for arch in archs:
+        model = build_childnet(space, arch, num_classes, LayerConfig(), name="synflow")
+        variables = model.init(jax.random.PRNGKey(seed), x, train=False)
+        params = jax.tree_util.tree_map(jnp.abs, variables["params"])
+
+        def total(p, model=model, variables=variables):
+            y = model.apply({**variables, "params": p}, x, train=False)
+            return jnp.sum(y[0] if isinstance(y, tuple) else y)
+
+        grads = jax.grad(total)(params)
+        leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+            lambda p, g: jnp.sum(jnp.abs(p * g)), params, grads))
+        scores.append(float(sum(np.float64(v) for v in leaves)))
+    return np.asarray(scores)
+
+
+# ---- the comparison ----------------------------------------------------------------------------
+
+
+def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, top_k: int = 5,
+                budget_quantiles: Sequence[float] = (0.33, 0.67), cost: str = "macs",
+                num_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Every method's statistics against the truth (see the module docstring)."""
+    cost_values = truth.costs[cost]
+    budgets = [float(np.quantile(cost_values, q)) for q in budget_quantiles]
+    methods = {}
+    for name, prediction in predictions.items():
+        methods[name] = ranking_stats.compare(
+            truth.accuracy, prediction, top_k=top_k, num_resamples=num_resamples, seed=seed,
+            cost=cost_values, bins=truth.bins, budgets=budgets)
+    return {"num_archs": len(truth), "num_bins": int(len(np.unique(truth.bins))),
+            "cost": cost, "budgets": budgets, "top_k": top_k,
+            "noise": truth.noise_ceiling(seed=seed), "methods": methods}
+
+
+def render_table(result: Mapping[str, Any]) -> str:
+    """A markdown table: one row per method, the headline statistics with 95% intervals."""
+    def cell(stats: Mapping[str, float], name: str) -> str:
+        value = stats.get(name)
+        if value is None or not np.isfinite(value):
+            return "n/a"
+        return (f"{value:+.2f} [{stats[f'{name}_low']:+.2f}, {stats[f'{name}_high']:+.2f}]")
+
+    budgets = [k for k in next(iter(result["methods"].values())) if k.startswith("regret@")
+               and not k.endswith(("_low", "_high"))]
+    header = ["method", "Kendall tau", "Spearman rho", "tau within cost bins",
+              f"partial Spearman given {result['cost']}", f"top-{result['top_k']} overlap",
+              *[f"regret {b.removeprefix('regret@')}" for b in budgets]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, stats in result["methods"].items():
+        cells = [cell(stats, n) for n in ("kendall", "spearman", "within_bin_kendall",
+                                          "partial_spearman", "top_k", *budgets)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(truth: GroundTruth, predictions: Mapping[str, np.ndarray], methods: Sequence[str],
+         path: str) -> None:
+    """Rating against stand-alone accuracy, one panel per method, colour = cost bin."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], methods):
+        ax.scatter(predictions[name], truth.accuracy, c=truth.bins, cmap="viridis", s=18)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("rating (higher = predicted better)", fontsize=8)
+    axes[0][0].set_ylabel("stand-alone test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

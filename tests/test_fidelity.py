@@ -1,0 +1,275 @@
+"""Rating fidelity (issue 19): the size-controlled statistics, the ground-truth sample and run
+order, effective multiply-adds, the rating's fit diagnostics, the comparison of methods, and a
+tiny ground-truth run (slow) that resumes from its file.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dna_jax import artifacts, config_files, costs as costs_lib, distill, fidelity
+from dna_jax import ground_truth, rate as rate_lib, ranking_stats
+from dna_jax.models import zoo
+from dna_jax.netspec import LayerSpec, NetworkSpec
+from dna_jax.space import Arch, align_space, get_space
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GT_CONFIG = os.path.join(REPO, "configs", "fmnist28_ground_truth.py")
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+
+def test_partial_spearman_removes_what_size_explains():
+    rng = np.random.default_rng(0)
+    cost = rng.uniform(1, 10, size=60)
+    quality = rng.normal(size=60)  # what an architecture adds beyond its size
+    accuracy = np.log(cost) + quality
+    # Cost alone correlates with accuracy but says nothing beyond itself.
+    assert ranking_stats.spearman_rho(accuracy, cost) > 0.4
+    # The cost itself has nothing left once the cost is partialled out (undefined), and a
+    # noisy copy of it scores near 0.
+    assert np.isnan(ranking_stats.partial_spearman(accuracy, cost * 2.0, cost))
+    assert abs(ranking_stats.partial_spearman(accuracy, cost + rng.normal(size=60), cost)) < 0.3
+    # A rating that sees the quality keeps a high partial correlation; log(cost) as the
+    # control gives the same value (ranks).
+    rating = quality + 0.1 * rng.normal(size=60)
+    partial = ranking_stats.partial_spearman(accuracy, rating, cost)
+    assert partial > 0.6
+    assert ranking_stats.partial_spearman(accuracy, rating, np.log(cost)) == pytest.approx(partial)
+
+
+def test_within_bin_tau_and_regret():
+    truth = np.array([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    bins = np.array([0, 0, 0, 1, 1, 1])
+    # Perfect inside each bin but the bins swapped: overall tau is low, within-bin tau 1.
+    prediction = np.array([11.0, 12.0, 13.0, 1.0, 2.0, 3.0])
+    assert ranking_stats.within_bin_tau(truth, prediction, bins) == pytest.approx(1.0)
+    assert ranking_stats.kendall_tau(truth, prediction) < 0.0
+    # Pair-count weights: a bin of 3 (3 pairs) at +1 and a bin of 2 (1 pair) at -1 -> 0.5.
+    assert ranking_stats.within_bin_tau([1, 2, 3, 4, 5], [1, 2, 3, 5, 4],
+                                        [0, 0, 0, 1, 1]) == pytest.approx(0.5)
+    cost = np.array([1, 2, 3, 4, 5, 6])
+    assert ranking_stats.regret(truth, prediction, cost, 3.5) == pytest.approx(0.0)
+    assert ranking_stats.regret(truth, prediction, cost, 6) == pytest.approx(27.0)
+    assert np.isnan(ranking_stats.regret(truth, prediction, cost, 0.5))
+
+
+def test_compare_gives_every_statistic_with_an_interval():
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=30)
+    out = ranking_stats.compare(truth, truth + rng.normal(size=30), top_k=5, num_resamples=200,
+                                cost=rng.uniform(size=30), bins=np.arange(30) // 6,
+                                budgets=(0.5,))
+    for name in ("kendall", "spearman", "top_k", "partial_spearman", "within_bin_kendall",
+                 "regret@0.5"):
+        assert out[f"{name}_low"] <= out[name] <= out[f"{name}_high"], name
+
+
+# ---- costs -------------------------------------------------------------------------------------
+
+
+def test_effective_macs_count_only_taps_inside_the_image():
+    # A 3x3 conv on a 2x2 map: each output sees 2x2 of the 3x3 taps.
+    assert costs_lib._inside_taps(2, 3, 1) == 4 and costs_lib._inside_taps(1, 7, 1) == 1
+    # Stride 2 on 28: TF SAME pads one pixel after, which the last output reads.
+    assert costs_lib._inside_taps(28, 3, 2) == 14 * 3 - 1
+    spec = NetworkSpec(name="n", stem_channels=8, stages=((LayerSpec("ir", 7, 1, 6, 8, 0.0),),),
+                       head_channels=16, stem_stride=1)
+    full = costs_lib.network_costs(spec, 7, 10).total.macs
+    effective = costs_lib.effective_macs(spec, 7, 10)
+    # Only the 3x3 stem and the 7x7 depthwise conv lose taps (at 7x7: 7 - 3 per side).
+    lost_dw = 48 * (49 * 49 - sum(min(i + 3, 6) - max(i - 3, 0) + 1 for i in range(7)) ** 2)
+    lost_stem = 3 * 8 * (9 * 49 - (3 * 7 - 2) ** 2)
+    assert full - effective == lost_dw + lost_stem
+    b0 = zoo.get_network_spec("efficientnet_b0")
+    assert 0.95 < costs_lib.effective_macs(b0, 224, 1000) / costs_lib.network_costs(
+        b0, 224, 1000).total.macs < 1.0
+
+
+def test_fmnist28_space_differs_where_the_issue_asks():
+    space = get_space("fmnist28")
+    assert align_space(space, zoo.get_network_spec("fmnist28_teacher")) == space
+    for b in range(len(space.blocks)):
+        assert space.block_size(b) == 6 * 7 * 7  # depth 1-3 and 6 MBConv ops
+        size = costs_lib.block_input_size(space, b, 28)
+        if b:
+            assert size >= 7
+    rng = np.random.default_rng(0)
+    macs = [costs_lib.network_costs(space.to_network_spec(space.sample(rng)), 28, 10).total.macs
+            for _ in range(500)]
+    cheapest = costs_lib.network_costs(space.to_network_spec(Arch.of([(3, 6, 6)] * 3)), 28,
+                                       10).total.macs
+    dearest = costs_lib.network_costs(space.to_network_spec(Arch.of([(2, 2, 2)] * 3)), 28,
+                                      10).total.macs
+    assert dearest / cheapest >= 3 and cheapest <= min(macs) and max(macs) <= dearest
+
+
+# ---- the ground-truth sample -------------------------------------------------------------------
+
+
+def test_cost_bins_hold_distinct_near_equal_cost_architectures():
+    config = config_files.load_config(GT_CONFIG)
+    space = get_space(config.space)
+    sample = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    assert len(sample) == config.sample.num_bins * config.sample.per_bin
+    assert len({s["arch"] for s in sample}) == len(sample)
+    for s in sample:
+        macs = costs_lib.network_costs(space.to_network_spec(s["arch"]), 28, 10).total.macs
+        assert macs == s["cost"]
+        assert abs(macs / s["bin_centre"] - 1) <= config.sample.bin_tolerance
+    centres = sorted({s["bin_centre"] for s in sample})
+    assert centres[-1] / centres[0] >= 3.0
+    # Deterministic.
+    again = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    assert [s["arch"] for s in again] == [s["arch"] for s in sample]
+
+
+def test_run_order_pilot_first_then_stratified_then_extra_seeds():
+    order = ground_truth.run_order(num_bins=6, per_bin=6, multi_seed_per_bin=1, num_seeds=3,
+                                   pilot_archs=4)
+    assert len(order) == len(set(order)) == 36 + 6 * 2
+    pilot = order[:8]
+    assert {s for _, s in pilot} == {0, 1} and len({a for a, _ in pilot}) == 4
+    assert {a for a, _ in pilot} <= {b * 6 for b in range(6)}
+    # After the pilot, seed 0 of every architecture before any extra seed.
+    first_extra = next(i for i, (_, s) in enumerate(order[8:]) if s > 0) + 8
+    assert {a for a, s in order[:first_extra] if s == 0} == set(range(36))
+    # The first 6 seed-0 runs after the pilot hit 6 different bins (partial files stratified).
+    seed0 = [a for a, s in order[8:] if s == 0][:6]
+    assert len({a // 6 for a in seed0}) >= 5
+
+
+def test_seed_noise_pooled_sd_and_quarter_rule():
+    runs = [{"arch": 0, "seed": 0, "test_accuracy": 0.80}, {"arch": 0, "seed": 1, "test_accuracy": 0.82},
+            {"arch": 1, "seed": 0, "test_accuracy": 0.90}, {"arch": 1, "seed": 1, "test_accuracy": 0.90}]
+    noise = ground_truth.seed_noise(runs)
+    assert noise["seed_sd"] == pytest.approx(np.sqrt(0.0002 / 2))
+    assert noise["spread"] == pytest.approx(0.09)
+    assert noise["meets_quarter_rule"]
+
+
+# ---- the rating's fit diagnostics, decay mask, updates per op ---------------------------------
+
+
+def test_constant_predictor_baseline_and_unfit_warning(caplog):
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(2, 16, 3, 3, 4)) * np.array([1.0, 2.0, 3.0, 4.0]) + np.array(
+        [5.0, 0.0, -5.0, 1.0])
+    stats = rate_lib.teacher_batch_stats(targets)
+    # The per-channel mean explains the channel offsets: constant mse / var < 1.
+    assert np.all(stats["constant_mse"] / stats["var"] < 0.7)
+    fit = rate_lib.fit_summary(np.array([0.9, 0.5, 0.3]), 0.4)
+    assert fit == {"best": 0.3, "median": 0.5, "worst": 0.9, "constant": 0.4,
+                   "beats_constant": True}
+    with caplog.at_level(logging.WARNING):
+        assert not rate_lib.warn_if_unfit("block0", fit)
+        assert rate_lib.warn_if_unfit("block3", rate_lib.fit_summary(np.array([1.9, 2.6]), 0.8))
+    assert "block3" in caplog.text and "constant predictor" in caplog.text
+
+
+def test_weight_decay_skips_one_dimensional_parameters():
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    optimizer = distill.make_optimizer("sgd", weight_decay=0.5)
+    params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,))}
+    zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    assert np.all(np.asarray(updates["kernel"]) != 0)
+    assert np.all(np.asarray(updates["scale"]) == 0) and np.all(np.asarray(updates["bias"]) == 0)
+
+
+def test_updates_per_op_counts_choices_per_layer():
+    out = distill.updates_per_op(get_space("fmnist28"), 700)
+    # First layer 6 ops, the others 6 + skip: (700/6 + 2 * 700/7) / 3.
+    assert out["block0"] == pytest.approx((700 / 6 + 2 * 100) / 3)
+    assert distill.updates_per_op(get_space("small"), 600)["block0"] == pytest.approx(100)
+
+
+# ---- the comparison ----------------------------------------------------------------------------
+
+
+def _fake_truth(space_name="tiny"):
+    space = get_space(space_name)
+    archs, runs = [], []
+    rng = np.random.default_rng(0)
+    encodings = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
+    for i, blocks in enumerate(encodings):
+        spec = space.to_network_spec(Arch.of(blocks))
+        archs.append({"index": i, "bin": i // 4, "bin_centre": 1.0, "blocks": blocks,
+                      **ground_truth.arch_costs(space, Arch.of(blocks), 16, 10)})
+        del spec
+        for seed in (0, 1) if i % 4 == 0 else (0,):
+            runs.append({"arch": i, "seed": seed,
+                         "test_accuracy": 0.5 + 0.01 * i + 0.002 * rng.normal()})
+    return {"format_version": 1, "sample": {"record": {"space": space_name, "resolution": 16},
+                                            "archs": archs}, "runs": runs}
+
+
+def _fake_tables(space, truth, fit_block1=True):
+    tables = []
+    for b, block in enumerate(space.blocks):
+        encodings = space.block_candidates(b)
+        loss = -encodings.sum(1).astype(float)  # more/larger ops = lower loss
+        tables.append({"rows": {tuple(e): i for i, e in enumerate(encodings)},
+                       "metrics": {"cl_loss": loss, "mse_var": loss + 10},
+                       "fit": {"beats_constant": b == 0 or fit_block1}})
+    return tables
+
+
+def test_dna_predictions_aggregations_and_comparison(tmp_path):
+    truth = fidelity.GroundTruth(_fake_truth())
+    assert len(truth) == 8 and truth.seed_sd() > 0
+    tables = _fake_tables(truth.space, truth, fit_block1=False)
+    predictions = fidelity.dna_predictions(tables, truth.archs)
+    assert set(predictions) == {f"dna[{m},{a}]" for m in ("cl_loss", "mse_var")
+                                for a in fidelity.AGGREGATIONS}
+    expected = np.asarray([sum(sum(b) for b in a.blocks) for a in truth.archs], float)
+    np.testing.assert_allclose(predictions["dna[cl_loss,sum]"], expected)
+    # fit_blocks leaves out block 1 (its best does not beat the constant predictor).
+    np.testing.assert_allclose(predictions["dna[cl_loss,fit_blocks]"],
+                               [a.blocks[0][0] for a in truth.archs])
+    # Rank and z-score aggregations are monotone per block: same order as the sum here.
+    for aggregation in ("rank", "zscore"):
+        assert ranking_stats.kendall_tau(predictions[f"dna[cl_loss,{aggregation}]"],
+                                         expected) > 0.8
+    predictions["macs"] = truth.costs["macs"]
+    predictions["synflow"] = fidelity.synflow_scores(truth.space, truth.archs, 16)
+    assert np.all(np.isfinite(predictions["synflow"])) and np.all(predictions["synflow"] > 0)
+    result = fidelity.compare_all(truth, predictions, top_k=2, num_resamples=50)
+    assert result["num_archs"] == 8 and result["noise"]["seed_sd"] > 0
+    assert -1 <= result["noise"]["simulated_kendall"] <= 1
+    table = fidelity.render_table(result)
+    assert "dna[cl_loss,sum]" in table and "partial Spearman" in table
+    fidelity.plot(truth, predictions, ["macs", "dna[cl_loss,sum]"], str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ---- a tiny ground truth, resumed ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_ground_truth_runs_resumes_and_refuses_another_config(tmp_path):
+    out, work = tmp_path / "gt.json", tmp_path / "work"
+    cmd = [sys.executable, "-m", "dna_jax.ground_truth", f"--config={GT_CONFIG}:tiny",
+           f"--workdir={work}", f"--out={out}"]
+    first = subprocess.run(cmd + ["--max_runs=2"], capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    data = artifacts.read_json(str(out))
+    assert len(data["runs"]) == 2 and data["pilot"]  # the pilot: 1 arch x 2 seeds
+    assert data["pilot"]["archs_with_seeds"] == 1
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    data = artifacts.read_json(str(out))
+    planned = [tuple(o) for o in data["order"]]
+    assert [(r["arch"], r["seed"]) for r in data["runs"]] == planned
+    for run in data["runs"]:
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["commit"] and run["machine"]
+    for arch in data["sample"]["archs"]:
+        assert arch["effective_macs"] <= arch["macs"]
+    changed = subprocess.run(cmd + ["--config.standalone.total_steps=7"], capture_output=True,
+                             text=True, cwd=REPO)
+    assert changed.returncode != 0 and "another config" in changed.stderr
