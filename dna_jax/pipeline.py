@@ -95,7 +95,10 @@ def get_default_config() -> ml_collections.ConfigDict:
         predictor (issue 19), so the default is 2,048; 0 = one training batch (the original).
       search: the budget: `budget` (absolute, in `cost` units) or, if 0, `budget_fraction` x
         the teacher's cost; optional `params_budget`; `combine`, `standardize`, `top_k`,
-        `method` ('exact' or 'beam' with `beam_width`).
+        `method` ('exact' or 'beam' with `beam_width`); `unfit_blocks` ('keep' or 'exclude':
+        a block whose best candidate does not beat the constant predictor adds nothing to
+        the sum) and `rank_normalize` (each block's scores replaced by their ranks), see
+        dna_jax.search.prepare_tables and the README's "Does the rating work?".
       retrain: a full trainer config for the winner (its model section is replaced by the
         searched child network); `inherit_weights` starts it from the supernet's weights.
         The retrained winner is also saved as a teacher checkpoint in retrain/network.
@@ -127,7 +130,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.rate = rate
     config.search = dict(cost="macs", budget=0.0, budget_fraction=0.5, params_budget=0.0,
                          combine="sum", standardize=False, top_k=5, method="exact",
-                         beam_width=1024)
+                         beam_width=1024, unfit_blocks="keep", rank_normalize=False)
     config.retrain = retrain_lib.get_default_config()
     config.retrain.inherit_weights = False
     config.supervision = "teacher"
@@ -472,6 +475,10 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
     cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
     tables = load_tables(ctx)
+    fits = [rate_lib.load_rating_summary(ctx.stage_dir("rate"), block.name).get("fit_mse_var")
+            for block in space.blocks]
+    tables = search_lib.prepare_tables(tables, fits, cfg.get("unfit_blocks", "keep"),
+                                       cfg.get("rank_normalize", False))
     teacher_figures = {} if is_ssl(ctx.config) else ctx.figures("teacher")
     num_classes = _teacher_classes(ctx)
     fixed = search_lib.space_fixed_costs(space, _resolution(ctx), num_classes)
@@ -866,6 +873,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.search.method not in ("exact", "beam"):
         raise ValueError(f"config.search.method must be 'exact' or 'beam', got "
                          f"{config.search.method!r}")
+    if config.search.get("unfit_blocks", "keep") not in search_lib.UNFIT_BLOCKS:
+        raise ValueError(f"config.search.unfit_blocks must be one of {search_lib.UNFIT_BLOCKS}, "
+                         f"got {config.search.unfit_blocks!r}")
     if config.search.cost not in costs_lib.COST_NAMES:
         raise ValueError(f"config.search.cost must be one of {costs_lib.COST_NAMES}, got "
                          f"{config.search.cost!r}")

@@ -1234,6 +1234,12 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def load_rating_summary(out_dir: str, block_name: str) -> dict:
+    """A block's JSON summary ({} if absent: e.g. tables written by an older version)."""
+    path = os.path.join(out_dir, f"{block_name}.json")
+    return artifacts.read_json(path) if os.path.exists(path) else {}
+
+
 def load_rating(path_prefix: str) -> BlockRating:
     """Reads a rating written by `save_rating`."""
     summary = artifacts.read_json(f"{path_prefix}.json")

@@ -357,6 +357,39 @@ def _parse_amount(text: str) -> float | None:
 
 # ---- objectives, budgets, fixed costs ---------------------------------------------------------
 
+UNFIT_BLOCKS = ("keep", "exclude")
+
+
+def prepare_tables(tables: Sequence[BlockTable], fits: Sequence[Mapping | None] = (),
+                   unfit_blocks: str = "keep", rank_normalize: bool = False
+                   ) -> list[BlockTable]:
+    """The tables the search composes, after two choices about how block scores add up.
+
+    Args:
+      tables: one per block.
+      fits: per block, the rating's `fit_mse_var` summary (`beats_constant`), or None.
+      unfit_blocks: 'keep' sums every block's scores; 'exclude' gives a block whose best
+        candidate does not beat the constant predictor a score of 0 for every candidate (its
+        scores measure noise), so only cost decides it.
+      rank_normalize: replace each block's scores by their rank among its candidates
+        divided by N (0..1], ties averaged), so every block weighs the same in the sum
+        whatever the scale of its losses.
+    """
+    if unfit_blocks not in UNFIT_BLOCKS:
+        raise ValueError(f"unfit_blocks must be one of {UNFIT_BLOCKS}, got {unfit_blocks!r}")
+    from scipy import stats  # pylint: disable=import-outside-toplevel
+    out = []
+    for b, table in enumerate(tables):
+        fit = fits[b] if b < len(fits) else None
+        score = table.score
+        if unfit_blocks == "exclude" and fit is not None and not fit["beats_constant"]:
+            score = np.zeros_like(score)
+        elif rank_normalize:
+            score = stats.rankdata(score) / len(score)
+        out.append(dataclasses.replace(table, score=score))
+    return out
+
+
 def block_objectives(tables: Sequence[BlockTable], combine: str = "sum",
                      standardize: bool = False) -> list[np.ndarray]:
     """Per-block terms whose sum the search minimises.

@@ -273,3 +273,20 @@ def test_tiny_ground_truth_runs_resumes_and_refuses_another_config(tmp_path):
     changed = subprocess.run(cmd + ["--config.standalone.total_steps=7"], capture_output=True,
                              text=True, cwd=REPO)
     assert changed.returncode != 0 and "another config" in changed.stderr
+
+
+def test_prepare_tables_excludes_unfit_blocks_and_rank_normalises():
+    from dna_jax import search  # pylint: disable=import-outside-toplevel
+    costs = {"macs": np.array([1, 2, 3])}
+    tables = [search.BlockTable(np.array([[0], [1], [2]]), np.array([0.5, 0.1, 9.0]), costs),
+              search.BlockTable(np.array([[0], [1], [2]]), np.array([3.0, 1.0, 2.0]), costs)]
+    fits = [{"beats_constant": True}, {"beats_constant": False}]
+    kept = search.prepare_tables(tables, fits)
+    np.testing.assert_array_equal(kept[1].score, tables[1].score)
+    excluded = search.prepare_tables(tables, fits, unfit_blocks="exclude")
+    np.testing.assert_array_equal(excluded[0].score, tables[0].score)
+    np.testing.assert_array_equal(excluded[1].score, [0.0, 0.0, 0.0])
+    ranked = search.prepare_tables(tables, fits, rank_normalize=True)
+    np.testing.assert_allclose(ranked[0].score, [2 / 3, 1 / 3, 1.0])
+    with pytest.raises(ValueError, match="unfit_blocks"):
+        search.prepare_tables(tables, fits, unfit_blocks="drop")
