@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import config_files, pipeline, progressive, ranking
+from dna_jax import config_files, ground_truth, pipeline, progressive, ranking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -21,6 +21,8 @@ VARIANTS = {
     "imagenet_dna_pp.py": [None, "gpu1", "tpu_v4_32", "tpu_v4_32,space=released"],
     "fashion_mnist_ranking.py": [None, "tiny"],
     "imagenet_ranking.py": [None, "gpu1", "tpu_v4_32,space=released"],
+    "fmnist28_dna.py": [None, "tiny"],
+    "fmnist28_ground_truth.py": [None, "tiny"],
 }
 
 
@@ -55,6 +57,8 @@ def test_config_loads_locked_and_valid(name, arg):
     if "ranking" in config:
         ranking.check_config(config)
         pipeline.stage_digests(config.dna)
+    if "standalone" in config and "seeds" in config:
+        ground_truth.check_config(config)
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
