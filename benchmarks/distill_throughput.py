@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher", default="efficientnet_b7")
     parser.add_argument("--conv-impl", default="auto", choices=cpu_conv.CONV_IMPLS,
                         help="distill.conv_impl ('auto' = taps on CPU)")
+    parser.add_argument("--all-blocks-only", action="store_true",
+                        help="time only the all-blocks step (sequential figures null)")
     parser.add_argument("--dtype", default="float32", choices=tuple(distill.DTYPES),
                         help="compute dtype of the teacher and the student blocks")
     args = parser.parse_args(argv)
@@ -130,7 +132,9 @@ def main(argv=None) -> dict:
         sharding.batch_sharding(mesh))
     batch_shape = images.shape
     phases = {"all_blocks": distill.Phase(tuple(range(distiller.num_blocks)), 0, 1)}
-    phases.update({f"block{k}": distill.Phase((k,), 0, 1) for k in range(distiller.num_blocks)})
+    if not args.all_blocks_only:
+        phases.update({f"block{k}": distill.Phase((k,), 0, 1)
+                       for k in range(distiller.num_blocks)})
     seconds, flops, compile_s, model_flops = {}, {}, {}, {}
     for name, phase in phases.items():
         watch = time.perf_counter()
@@ -144,30 +148,38 @@ def main(argv=None) -> dict:
         print(f"{name:>10}: compile {compile_s[name]:7.1f} s, step {seconds[name] * 1e3:9.1f} ms,"
               f" {flops[name] / 1e9:8.2f} GFLOP/step, "
               f"{flops[name] / seconds[name] / 1e9:7.2f} GFLOP/s", flush=True)
-    sequential_s = sum(seconds[f"block{k}"] for k in range(distiller.num_blocks))
-    sequential_flops = sum(flops[f"block{k}"] for k in range(distiller.num_blocks))
-    sequential_model_flops = sum(model_flops[f"block{k}"] for k in range(distiller.num_blocks))
+    sequential = not args.all_blocks_only
+    block_names = [f"block{k}" for k in range(distiller.num_blocks)] if sequential else []
+    sequential_s = sum(seconds[k] for k in block_names) or float("nan")
+    sequential_flops = sum(flops[k] for k in block_names)
+    sequential_model_flops = sum(model_flops[k] for k in block_names)
+
+    def if_sequential(value):
+        return value if sequential else None
+
     figures = {
         "space": args.space, "teacher": args.teacher, "resolution": args.resolution,
-        "conv_impl": args.conv_impl, "dtype": args.dtype, "conv_impl_resolved": cpu_conv.resolve(args.conv_impl),
+        "conv_impl": args.conv_impl, "conv_impl_resolved": cpu_conv.resolve(args.conv_impl),
+        "dtype": args.dtype,
         "batch_size": args.batch_size, "timed_steps": args.steps,
         "devices": jax.device_count(), "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
         "all_blocks_images_per_s": args.batch_size / seconds["all_blocks"],
-        "sequential_images_per_s": args.batch_size / sequential_s,
-        "ratio": sequential_s / seconds["all_blocks"],
+        "sequential_images_per_s": if_sequential(args.batch_size / sequential_s),
+        "ratio": if_sequential(sequential_s / seconds["all_blocks"]),
         "all_blocks_step_s": seconds["all_blocks"], "sequential_block_step_s": {
             k: v for k, v in seconds.items() if k != "all_blocks"},
         "all_blocks_flops_per_step": flops["all_blocks"],
-        "sequential_flops_per_image_batch": sequential_flops,
-        "flop_ratio": sequential_flops / flops["all_blocks"] if flops["all_blocks"] else None,
+        "sequential_flops_per_image_batch": if_sequential(sequential_flops),
+        "flop_ratio": if_sequential(sequential_flops / flops["all_blocks"]
+                                    if flops["all_blocks"] else None),
         "all_blocks_flop_per_s": flops["all_blocks"] / seconds["all_blocks"],
-        "sequential_flop_per_s": sequential_flops / sequential_s,
+        "sequential_flop_per_s": if_sequential(sequential_flops / sequential_s),
         "compile_s": compile_s,
         "all_blocks_model_flops_per_step": model_flops["all_blocks"],
-        "sequential_model_flops_per_image_batch": sequential_model_flops,
+        "sequential_model_flops_per_image_batch": if_sequential(sequential_model_flops),
         "all_blocks_model_flop_per_s": model_flops["all_blocks"] / seconds["all_blocks"],
-        "sequential_model_flop_per_s": sequential_model_flops / sequential_s,
+        "sequential_model_flop_per_s": if_sequential(sequential_model_flops / sequential_s),
         "model_flops_note": "analytic: 2 x batch x (teacher macs to the needed stage + 3 x "
                             "mean-path macs of the trained blocks)",
         "flops_note": "XLA cost analysis, all switch branches counted (upper bound)",
