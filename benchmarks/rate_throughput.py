@@ -132,7 +132,7 @@ def measure(bn_mode: str, *, space_name: str = "dna_released", block_index: int 
         "space": space.name, "block": block_index,
         "candidates": n, "seconds": round(seconds, 3), "seconds_include_compile": True,
         "warm_seconds": None if warm_s is None else round(warm_s, 4),
-        "candidates_per_second": round(n / seconds, 2),
+        "candidates_per_second": round(n / seconds, 3),
         "warm_candidates_per_second": None if warm_s is None else round(n / warm_s, 2),
         "macs_executed": macs, "naive_macs": naive_macs,
         "mac_ratio": round(naive_macs / macs, 2),
