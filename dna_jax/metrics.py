@@ -2,7 +2,13 @@
 
 Only process 0 writes metrics and files (TensorBoard + log); other processes get a writer that
 drops everything, so every process can run the same code.
+
+clu is imported where it is used, not at import time: clu's writers import TensorFlow, and the
+modules that import this one (e.g. `dna_jax.distill`) must stay importable in an image without
+it (`benchmarks/accelerator_suite.py`).
 """
+
+from __future__ import annotations
 
 import json
 import logging
@@ -13,11 +19,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
 
 
 def create_writer(workdir: str | None, *, asynchronous: bool = True) -> metric_writers.MetricWriter:
     """TensorBoard (under workdir) + log on process 0; a no-op writer on the others."""
+    from clu import metric_writers  # pylint: disable=import-outside-toplevel
     if jax.process_index() != 0:
         return metric_writers.MultiWriter([])
     return metric_writers.create_default_writer(workdir, asynchronous=asynchronous)
@@ -27,12 +33,14 @@ def report_progress(num_train_steps: int, writer: metric_writers.MetricWriter,
                     every_secs: float = 60.0, every_steps: int | None = None
                     ) -> periodic_actions.ReportProgress:
     """clu's ReportProgress: logs steps/s, percent done and ETA; writes steps_per_sec."""
+    from clu import periodic_actions  # pylint: disable=import-outside-toplevel
     return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
                                            every_secs=every_secs, every_steps=every_steps)
 
 
 def log_parameter_overview(params: Any, msg: str = "Parameters") -> int:
     """Logs a table of parameter names, shapes and sizes (process 0); returns the count."""
+    from clu import parameter_overview  # pylint: disable=import-outside-toplevel
     count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(
