@@ -47,6 +47,7 @@ from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import ssl as ssl_lib
 from dna_jax import teacher as teacher_lib
+from dna_jax import validate as validate_lib
 from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
@@ -810,8 +811,15 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     return figures, "ran"
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the field, on values the stages would only reject much later."""
+def check_config(config: ml_collections.ConfigDict, workdir: str | None = None,
+                 devices: int | None = None) -> None:
+    """Fails early, naming the field, on values the stages would only reject much later.
+
+    After the names below, every statically checkable value is checked in one pass
+    (dna_jax.validate: finite floats, positive counts, batches that divide over the
+    `devices` of the mesh, image sizes against the strides, the search budget against the
+    space's cheapest network); `validate.ConfigError` lists every problem with its fix.
+    """
     stages = parse_stages(config.stages)
     if config.on_change not in ON_CHANGE:
         raise ValueError(f"config.on_change must be one of {ON_CHANGE}, got {config.on_change!r}")
@@ -833,8 +841,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.search.cost not in costs_lib.COST_NAMES:
         raise ValueError(f"config.search.cost must be one of {costs_lib.COST_NAMES}, got "
                          f"{config.search.cost!r}")
-    if config.rate.num_batches < 1 or config.rate.batch_size < 1:
-        raise ValueError("config.rate.num_batches and config.rate.batch_size must be >= 1")
+    validate_lib.validate_pipeline_config(config, stages, workdir=workdir, devices=devices)
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:
@@ -859,7 +866,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
       report's summary when the report stage ran (teacher_accuracy, winner_accuracy,
       teacher_macs, winner_macs, ...), else the last stage's figures under its name}.
     """
-    check_config(config)
+    check_config(config, workdir=os.path.abspath(workdir),
+                 devices=mesh.devices.size if mesh is not None else None)
     watch = metrics_lib.Stopwatch()
     mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
     ctx = Context(config=config, workdir=os.path.abspath(workdir), mesh=mesh,
