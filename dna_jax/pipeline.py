@@ -48,6 +48,7 @@ from dna_jax import sharding as sharding_lib
 from dna_jax import ssl as ssl_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax import validate as validate_lib
+from dna_jax import workdir as workdir_lib
 from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
@@ -876,8 +877,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
     _use_compilation_cache(config.compilation_cache, ctx.workdir)
     ran: dict[str, str] = {}
     figures: dict[str, Any] = {}
-    for stage in parse_stages(config.stages):
-        figures[stage], ran[stage] = run_stage(ctx, stage)
+    with workdir_lib.workdir_lock(ctx.workdir):  # one run per workdir
+        workdir_lib.clean_temporaries(ctx.workdir)
+        for stage in parse_stages(config.stages):
+            figures[stage], ran[stage] = run_stage(ctx, stage)
     result: dict[str, Any] = {"stages": ran}
     if "report" in figures:
         result.update(figures["report"])

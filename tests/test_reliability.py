@@ -1,14 +1,19 @@
-"""Reliability of the pipeline: bad config values refused before any work.
+"""Reliability of the pipeline: bad config values refused before any work, one run per workdir,
+stale temporaries cleaned.
 
 Everything here runs on `configs/fashion_mnist_dna.py:tiny`; only the training-stage rerun
 trains (the tiny teacher, a few steps).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from dna_jax import config_files, pipeline, validate
+from dna_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_dna.py")
@@ -104,3 +109,80 @@ def test_the_cost_range_brackets_every_network_of_the_space():
         for name, (low, high) in ranges.items():
             assert low <= total[name] <= high, name
     assert validate.total_stride(space) == 4
+
+
+# ---- the workdir lock ------------------------------------------------------------------------
+
+
+def test_a_second_acquisition_is_refused_naming_the_holder(tmp_path):
+    first = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    try:
+        with pytest.raises(workdir_lib.WorkdirLockedError) as error:
+            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+        holder = json.load(open(tmp_path / workdir_lib.LOCK_FILE))
+        message = str(error.value)
+        assert f"pid {os.getpid()}" in message and repr(holder["host"]) in message
+        assert holder["started"] in message
+    finally:
+        first.release()
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()  # free again
+
+
+def test_a_run_in_another_process_holds_the_workdir(tmp_path):
+    code = ("import sys, time; from dna_jax import workdir as w; "
+            "w.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {holder.pid} on host"):
+            pipeline.run_pipeline(tiny_config(), str(tmp_path))
+        assert os.listdir(tmp_path) == [workdir_lib.LOCK_FILE]  # no stage was started
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed (as by kill -9): its lock is taken over.
+    with workdir_lib.WorkdirLock(str(tmp_path)).acquire():
+        assert json.load(open(tmp_path / workdir_lib.LOCK_FILE))["pid"] == os.getpid()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = {"host": os.uname().nodename, "pid": dead.pid, "started": "2026-01-01T00:00:00",
+             "command": "dna-jax run"}
+    with open(tmp_path / workdir_lib.LOCK_FILE, "w") as f:
+        json.dump(stale, f)
+    with caplog.at_level("WARNING"):
+        lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    try:
+        assert f"pid {dead.pid}" in caplog.text and "dead" in caplog.text
+        assert json.load(open(tmp_path / workdir_lib.LOCK_FILE))["pid"] == os.getpid()
+    finally:
+        lock.release()
+
+
+# ---- stale temporaries -----------------------------------------------------------------------
+
+
+def test_stale_temporaries_are_cleaned_at_start(tmp_path):
+    stale = ["teacher/.manifest.json.x1.tmp", "distill/supernet.tmp/variables/a",
+             "distill/supernet.old/supernet.json", "teacher/checkpoint.tmp-ab12/teacher.json",
+             "retrain/checkpoints/4.orbax-checkpoint-tmp-99/x", "rate/tmpq1.tmp"]
+    kept = ["rate/block0.npz", "distill/supernet/supernet.json",
+            "compilation_cache/entry.tmp", "rate.replaced-20260101-000000/block0.tmp"]
+    for name in stale + kept:
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        open(tmp_path / name, "w").close()
+    # A search-only run on this workdir stops (no ratings), but cleaned up first.
+    with pytest.raises(pipeline.StageError, match="needs the 'teacher' artifact"):
+        pipeline.run_pipeline(tiny_config(stages="search"), str(tmp_path))
+    for name in stale:  # the temporary file or folder itself is gone
+        temporary = next(i for i, part in enumerate(name.split("/"))
+                         if workdir_lib._is_temporary(part))
+        assert not os.path.exists(tmp_path.joinpath(*name.split("/")[:temporary + 1])), name
+    assert os.path.isdir(tmp_path / "retrain" / "checkpoints")
+    for name in kept:
+        assert os.path.exists(tmp_path / name), name
+    assert open(tmp_path / workdir_lib.LOCK_FILE).read() == ""  # released
