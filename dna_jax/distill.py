@@ -774,7 +774,8 @@ def _flush(pending: list[tuple[int, tuple[int, ...], dict]], writer: Any, histor
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"distillation loss of block {k} (block{k}) is {value} at step {step}; "
-                    f"the last good checkpoint is step {last_good} in {checkpoint_dir} "
+                    f"the last good checkpoint is "
+                    f"{'none' if last_good is None else f'step {last_good}'} in {checkpoint_dir} "
                     "(lower distill.learning_rates or check the teacher and data)")
     step, active, _ = pending[-1]
     scalars, losses = {}, {}
@@ -848,14 +849,27 @@ def _after_step(loop: _Loop, step: int, phase_stop: int, state: DistillState,
                   loop.distiller.names)
         loop.eval_seconds += watch.elapsed()
     if save_due:
-        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        _save_finite(loop, step, state)
         loop.history.save()
         loop.last_good = step
     elif loop.checkpointer.reached_preemption(step):
-        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        _flush(pending, loop.writer, loop.history, loop.last_good, loop.checkpointer.directory)
+        _save_finite(loop, step, state)
         loop.checkpointer.wait()
         loop.history.save()
         raise SystemExit(f"Preempted at step {step}; checkpoint saved, rerun to resume.")
+
+
+def _save_finite(loop: _Loop, step: int, state: DistillState) -> None:
+    """Saves `state` unless it holds NaN/inf (NonFiniteLossError naming the last good one)."""
+    try:
+        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+    except checkpoint_lib.NonFiniteStateError as error:
+        raise NonFiniteLossError(
+            f"distillation made the supernet non-finite at step {step} (the losses were "
+            f"finite): {error} Lower distill.learning_rates; a rerun with the fixed config "
+            "resumes from the last good checkpoint (dna-jax run: add "
+            "--config.on_change=resume).") from error
 
 
 def _run_phases(loop: _Loop, phases: Sequence[Phase], state: DistillState, train_data: Any,

@@ -56,7 +56,7 @@ STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
 SSL_STAGES = ("ssl", "rate", "search", "retrain", "report")  # DNA++: no teacher
 STAGE_ORDER = ("teacher", "distill", "ssl", "rate", "search", "retrain", "report")
 SUPERVISIONS = ("teacher", "ssl")
-ON_CHANGE = ("error", "rerun")
+ON_CHANGE = ("error", "rerun", "resume")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 STARTED_FILE = "started.json"
@@ -78,7 +78,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     Sections:
       stages: comma-separated subset of STAGES to run, in pipeline order.
       on_change: 'error' (default) stops when an artifact was written by another config and
-        names the keys that changed; 'rerun' moves the old artifact aside and recomputes.
+        names the keys that changed; 'rerun' moves the old artifact aside and recomputes;
+        'resume' continues an unfinished stage of another config from its checkpoints (after
+        a NaN stop: fix the learning rate and resume from the last good, finite checkpoint;
+        a finished stage of another config is still an error).
       seed, distributed, mesh: as in the trainer (dna_jax.retrain).
       compilation_cache: directory of JAX's persistent compilation cache, so a resumed or
         repeated run does not compile its steps again (minutes on a CPU); 'auto' =
@@ -753,6 +756,11 @@ def _check_started(ctx: Context, stage: str) -> None:
     started = artifacts.read_json(path)
     if started.get("config_hash") == ctx.digests[stage]:
         return
+    if ctx.config.on_change == "resume":  # run_stage then records this config as started
+        logging.warning("%s: continuing an unfinished run of another config (%s) from its "
+                        "checkpoints (on_change=resume).", stage, artifacts.config_changes(
+                            started.get("config", {}), stage_config(ctx.config, stage)))
+        return
     _changed(ctx, stage, started.get("config", {}), "an unfinished run of it")
 
 
@@ -768,7 +776,9 @@ def _changed(ctx: Context, stage: str, old_config: Any, what: str) -> None:
         return
     raise artifacts.ConfigChangedError(
         f"stage {stage!r}: {stage_dir} holds {what} made by another config ({detail}). Use "
-        f"another --workdir, or pass --config.on_change=rerun to move it aside and recompute.")
+        f"another --workdir, or pass --config.on_change=rerun to move it aside and recompute"
+        + (" (or --config.on_change=resume to continue it from its last checkpoint with this "
+           "config)." if what.startswith("an unfinished") else "."))
 
 
 def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:

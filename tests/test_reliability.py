@@ -1,8 +1,9 @@
 """Reliability of the pipeline: bad config values refused before any work, one run per workdir,
-stale temporaries cleaned.
+stale temporaries cleaned, a NaN teacher stopped and resumed after the fix, a training stage
+rerun after its last checkpoint.
 
-Everything here runs on `configs/fashion_mnist_dna.py:tiny`; only the training-stage rerun
-trains (the tiny teacher, a few steps).
+Everything here runs on `configs/fashion_mnist_dna.py:tiny`; only the teacher test trains
+(the tiny teacher, 4 steps).
 """
 
 import json
@@ -12,12 +13,16 @@ import sys
 
 import pytest
 
-from dna_jax import config_files, pipeline, validate
+from dna_jax import artifacts, config_files, pipeline, retrain, validate
 from dna_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_dna.py")
 NAN, INF = float("nan"), float("inf")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+    reason="Fashion-MNIST idx files missing (make data installs them)")
+
 
 def tiny_config(**overrides):
     return config_files.load_config(CONFIG, "tiny", **overrides)
@@ -186,3 +191,51 @@ def test_stale_temporaries_are_cleaned_at_start(tmp_path):
     for name in kept:
         assert os.path.exists(tmp_path / name), name
     assert open(tmp_path / workdir_lib.LOCK_FILE).read() == ""  # released
+
+
+# ---- NaN in the teacher stage, then a training stage rerun after its last checkpoint ---------
+
+
+@needs_fmnist
+def test_teacher_nan_stop_fixed_resume_and_rerun_after_the_last_checkpoint(tmp_path,
+                                                                           monkeypatch):
+    config = tiny_config(stages="teacher")
+    nan_lr = tiny_config(stages="teacher", **{"teacher.train.optimizer.learning_rate": NAN})
+    with monkeypatch.context() as patch:  # validation would refuse the NaN before any work
+        patch.setattr(validate, "validate_pipeline_config", lambda *args, **kwargs: None)
+        with pytest.raises(retrain.NonFiniteLossError, match="last good checkpoint is none"):
+            pipeline.run_pipeline(nan_lr, str(tmp_path))
+    checkpoints = tmp_path / "teacher" / "train" / "checkpoints"
+    assert not [name for name in os.listdir(checkpoints) if name.isdigit()]  # nothing NaN saved
+    # The fixed config is another config for the unfinished stage: named, and resumable.
+    with pytest.raises(artifacts.ConfigChangedError, match="on_change=resume"):
+        pipeline.run_pipeline(config, str(tmp_path))
+    resumed = tiny_config(stages="teacher", on_change="resume")
+    first = pipeline.run_pipeline(resumed, str(tmp_path))["teacher"]
+    assert first["train_loss"] == first["train_loss"]  # finite, not NaN
+    # Killed between the last checkpoint and the manifest: the manifest is missing.
+    os.remove(tmp_path / "teacher" / artifacts.MANIFEST)
+    again = pipeline.run_pipeline(config, str(tmp_path))
+    assert again["stages"] == {"teacher": "ran"}
+    figures = artifacts.read_manifest(str(tmp_path / "teacher"))["figures"]
+    assert figures["steps_this_run"] == 0 and figures["resumed_from_step"] == figures["steps"]
+    for key in ("train_loss", "train_accuracy", "test_accuracy", "test_loss"):
+        assert figures[key] == first[key], key  # re-evaluated, not NaN
+
+
+def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
+    import numpy as np
+
+    from dna_jax import checkpoint as checkpoint_lib
+    good = {"w": np.ones(3, np.float32), "step": np.int32(1)}
+    bad = {"w": np.asarray([1.0, np.nan, np.inf], np.float32), "step": np.int32(2)}
+    with checkpoint_lib.Checkpointer(str(tmp_path), save_every_steps=1) as checkpointer:
+        assert checkpointer.save(1, good)
+        checkpointer.wait()
+        with pytest.raises(checkpoint_lib.NonFiniteStateError,
+                           match=r"step 2 holds NaN/inf in 1 of 1 leaves .*'w'.* last good "
+                                 r"checkpoint is step 1"):
+            checkpointer.save(2, bad)
+        assert checkpointer.all_steps() == [1]
+        restored = checkpointer.restore(good)
+    assert checkpoint_lib.nonfinite_leaves(restored) == ([], 1)
