@@ -606,14 +606,26 @@ def run(argv: list[str] | None = None) -> None:
     """
     import sys  # pylint: disable=import-outside-toplevel
 
-    from absl import app, flags  # pylint: disable=import-outside-toplevel
+    from absl import app  # pylint: disable=import-outside-toplevel
+
+    define_flags()
+    app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
+
+
+def define_flags() -> None:
+    """--config and --workdir (once per process)."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-    config_flags.DEFINE_config_file("config", None, "Trainer config file (file.py[:arg]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and figures.")
+    if "workdir" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file(
+        "config", None, "Trainer config file (file.py[:arg]), e.g. "
+        "configs/fashion_mnist_teacher.py:tiny.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and figures "
+                        "(a rerun resumes from its checkpoints).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
+
 
 if __name__ == "__main__":
     run()

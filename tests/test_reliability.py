@@ -1,6 +1,6 @@
 """Reliability of the pipeline: bad config values refused before any work, one run per workdir,
 stale temporaries cleaned, a NaN teacher stopped and resumed after the fix, a training stage
-rerun after its last checkpoint.
+rerun after its last checkpoint, the CLI's errors.
 
 Everything here runs on `configs/fashion_mnist_dna.py:tiny`; only the teacher test trains
 (the tiny teacher, 4 steps).
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from dna_jax import artifacts, config_files, pipeline, retrain, validate
+from dna_jax import artifacts, cli, config_files, pipeline, retrain, validate
 from dna_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +221,41 @@ def test_teacher_nan_stop_fixed_resume_and_rerun_after_the_last_checkpoint(tmp_p
     assert figures["steps_this_run"] == 0 and figures["resumed_from_step"] == figures["steps"]
     for key in ("train_loss", "train_accuracy", "test_accuracy", "test_loss"):
         assert figures[key] == first[key], key  # re-evaluated, not NaN
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_absl_commands_list_their_flags(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--workdir" in out and "--config.FIELD=VALUE" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["info", "--resolution", "-3"], "argument --resolution: must be a positive integer, got -3"),
+    (["info", "--resolution", "0"], "must be a positive integer, got 0"),
+    (["info", "--num-classes", "x"], "expected an integer, got 'x'"),
+    (["export", "--space", "tiny", "--arch", "a.json", "--resolution", "-5"],
+     "argument --resolution: must be an integer >= 0, got -5"),
+])
+def test_bad_numeric_arguments_are_one_line_errors(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+
+
+def test_bad_arguments_exit_nonzero_without_a_traceback():
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "dna_jax.cli", "info", "--resolution", "-3"],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "dna-jax info: error: argument --resolution: must be a positive integer, got -3 "
+        "(see dna-jax info --help)"]
 
 
 def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
