@@ -5,11 +5,14 @@ an abstract tree whose leaves carry shardings places the arrays directly on the 
 
 A state with a NaN or infinite floating-point leaf is never saved: `save` checks every leaf
 first (one jitted reduction, only at steps that are due) and raises `NonFiniteStateError`,
-so the newest checkpoint is always a finite one ("last good").
+so the newest checkpoint is always a finite one ("last good"). On resume,
+`restore_latest_good` checks the restored arrays again: a checkpoint that does not restore or
+holds NaN/inf (a corrupted file) is set aside, never deleted, and the previous one is used.
 """
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -131,6 +134,39 @@ class Checkpointer:
                 f"Checkpoint step {step} in {self.directory} cannot be restored "
                 f"({type(error).__name__}: {error}). Delete {self.directory}/{step} to fall "
                 f"back to an earlier step, or the whole directory to start afresh.") from error
+
+    def restore_latest_good(self, target: Any) -> tuple[Any, int | None]:
+        """The newest checkpoint that restores and holds only finite values, and its step.
+
+        A checkpoint that cannot be restored or holds NaN/inf is set aside (renamed to
+        `<step>.unusable-<time>` beside it, never deleted) with a warning naming it and the
+        reason, and the previous one is tried. Returns (target, None) when none is usable.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(target, step)
+            except CheckpointError as error:
+                problem = str(error.__cause__ or error)
+            else:
+                bad, total = nonfinite_leaves(state)
+                if not bad:
+                    return state, step
+                problem = (f"NaN/inf in {len(bad)} of {total} leaves (first: "
+                           f"{', '.join(bad[:3])})")
+            self._set_aside(step, problem)
+        return target, None
+
+    def _set_aside(self, step: int, problem: str) -> None:
+        path = os.path.join(self.directory, str(step))
+        moved = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and os.path.exists(path):
+            os.replace(path, moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        self._manager.reload()
+        logging.warning("Checkpoint step %d in %s is unusable (%s); set aside as %s, trying "
+                        "the previous one.", step, self.directory, problem[:500], moved)
 
     def wait(self) -> None:
         """Blocks until the pending async save is on disk."""

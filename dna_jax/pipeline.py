@@ -75,6 +75,10 @@ class StageError(RuntimeError):
 def get_default_config() -> ml_collections.ConfigDict:
     """Every field the pipeline reads; experiment configs override them and lock the result.
 
+    Every value that can be checked without running is checked before any work
+    (`check_config`, dna_jax.validate): a run with a bad value stops naming each field, its
+    value and the fix, before the workdir is touched.
+
     Sections:
       stages: comma-separated subset of STAGES to run, in pipeline order.
       on_change: 'error' (default) stops when an artifact was written by another config and

@@ -101,6 +101,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.ema_warmup = True  # TF-style: decay = min(ema_decay, (1 + t) / (10 + t)).
     config.log_every_steps = 100
     config.eval_every_steps = 0  # 0 = evaluate at the end only.
+    # Checkpoints: a state with NaN/inf is never saved (NonFiniteLossError names the last
+    # good one); a resumed run uses the newest checkpoint that restores and is finite.
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2
     config.async_checkpoint = True
@@ -474,10 +476,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = checkpoint_lib.Checkpointer(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, async_save=config.async_checkpoint)
-    last_good = checkpointer.latest_step()
-    if last_good is not None:
-        state = checkpointer.restore(state, last_good)
-        logging.info("Resumed from step %d in %s.", last_good, checkpoint_dir)
+    last_good = None
+    if checkpointer.latest_step() is not None:  # the newest usable one (others set aside)
+        state, last_good = checkpointer.restore_latest_good(state)
+        if last_good is None:
+            logging.warning("No usable checkpoint in %s: training from step 0.", checkpoint_dir)
+        else:
+            logging.info("Resumed from step %d in %s.", last_good, checkpoint_dir)
     start_step = int(jax.device_get(state.step))
     # The train figures of the resumed step (a run killed after its last checkpoint reports
     # them again instead of NaN).
