@@ -345,8 +345,14 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
     if summary.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{summary_path}: format {summary.get('format')!r}, expected "
                          f"{EXPORT_FORMAT!r}")
-    with open(os.path.join(out_dir, ARCH_FILE), encoding="utf-8") as f:
-        arch = Arch.from_json(f.read())
+    arch_path = os.path.join(out_dir, ARCH_FILE)
+    try:
+        with open(arch_path, encoding="utf-8") as f:
+            arch = Arch.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{arch_path} is not a readable architecture ({type(error).__name__}: "
+                         f"{error}); export it again (in a pipeline workdir: remove "
+                         "search/manifest.json and rerun the search stage)") from error
     space = space or get_space(summary["space"])
     config = _layer_config_from(summary["layer_config"])
     module = build_childnet(space, arch, summary["num_classes"], config)

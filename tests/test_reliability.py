@@ -274,3 +274,67 @@ def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
         assert checkpointer.all_steps() == [1]
         restored = checkpointer.restore(good)
     assert checkpoint_lib.nonfinite_leaves(restored) == ([], 1)
+
+
+def test_an_unusable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, caplog):
+    import glob
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from dna_jax import checkpoint as checkpoint_lib
+    states = {step: {"w": np.full(64, step, np.float32)} for step in (1, 2)}
+    with checkpoint_lib.Checkpointer(str(tmp_path), save_every_steps=1) as checkpointer:
+        for step, state in states.items():
+            checkpointer.save(step, state)
+        # A NaN state written behind the checker's back (as a flipped byte would make it).
+        checkpointer._manager.save(3, args=ocp.args.StandardSave(
+            {"w": np.full(64, np.nan, np.float32)}), force=True)
+    with caplog.at_level("WARNING"):
+        with checkpoint_lib.Checkpointer(str(tmp_path)) as checkpointer:
+            restored, step = checkpointer.restore_latest_good(states[1])
+            assert step == 2 and np.all(restored["w"] == 2)
+            assert checkpointer.all_steps() == [1, 2]
+    assert "step 3" in caplog.text and "NaN/inf in 1 of 1 leaves" in caplog.text
+    assert len(glob.glob(str(tmp_path / "3.unusable-*"))) == 1  # set aside, not deleted
+    # Damaged files (every file of step 2 truncated): step 1 is used.
+    for path in glob.glob(str(tmp_path / "2" / "**" / "*"), recursive=True):
+        if os.path.isfile(path) and "_CHECKPOINT_METADATA" not in path:
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 2))
+    with checkpoint_lib.Checkpointer(str(tmp_path)) as checkpointer:
+        restored, step = checkpointer.restore_latest_good(states[1])
+        assert step == 1 and np.all(restored["w"] == 1)
+    assert len(glob.glob(str(tmp_path / "2.unusable-*"))) == 1
+
+
+# ---- damaged artifacts: named, with advice that works ----------------------------------------
+
+
+def test_a_damaged_manifest_does_not_count_as_complete(tmp_path, caplog):
+    path = tmp_path / artifacts.MANIFEST
+    with caplog.at_level("WARNING"):
+        for text, reason in (("{}", "has no config_hash"), ("{garbled", "not valid JSON")):
+            path.write_text(text)
+            assert artifacts.stage_status(str(tmp_path), "abc") == "missing"
+            assert reason in caplog.text and str(path) in caplog.text
+
+
+def test_a_garbled_arch_json_is_named_with_the_fix(tmp_path):
+    from dna_jax import export
+    (tmp_path / export.SUMMARY_FILE).write_text(json.dumps({"format": export.EXPORT_FORMAT}))
+    (tmp_path / export.ARCH_FILE).write_text('{"blocks": [[0, 1], [')
+    with pytest.raises(ValueError, match=r"arch.json is not a readable architecture .* remove "
+                                         r"search/manifest.json and rerun the search stage"):
+        export.load_exported(str(tmp_path))
+
+
+def test_a_damaged_supernet_of_a_finished_stage_says_to_remove_its_manifest(tmp_path):
+    from dna_jax import distill
+    supernet = tmp_path / "distill" / "supernet"
+    os.makedirs(supernet)
+    (supernet / distill.SUPERNET_MANIFEST).write_text("{garbled")
+    (tmp_path / "distill" / artifacts.MANIFEST).write_text("{}")
+    with pytest.raises(distill.SupernetCheckpointError,
+                       match=r"remove .*distill/manifest.json \(nothing else\) and rerun"):
+        distill.load_supernet(str(supernet), {"block0": {}})
