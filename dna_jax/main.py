@@ -12,6 +12,7 @@ dna_jax.progressive; this file only parses flags.
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Sequence
 
@@ -58,6 +59,13 @@ def main(argv: Sequence[str]) -> None:
             figures = pipeline.run_pipeline(config, _WORKDIR.value)
     except (validate.ConfigError, workdir_lib.WorkdirLockedError) as error:
         raise SystemExit(f"dna-jax run: {error}") from None  # the message says it all
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"dna-jax run: the disk is full ({error.strerror}"
+                         f"{': ' + str(error.filename) if error.filename else ''}); free space "
+                         "and rerun the same command: finished stages are skipped and the "
+                         "interrupted one resumes from its last checkpoint.") from error
     print(metrics.final_line(figures), flush=True)
 
 

@@ -166,9 +166,18 @@ def _is_temporary(name: str) -> bool:
 
 def clean_temporaries(workdir: str) -> list[str]:
     """Removes interrupted writes' leftovers under `workdir` (see the module docstring);
-    returns the removed paths. Process 0 only; hold the workdir lock."""
+    returns the removed paths. Every process calls it, holding the workdir lock: process 0
+    cleans while the others wait, so none starts writing a temporary that is then removed."""
+    removed = _remove_temporaries(workdir) if jax.process_index() == 0 else []
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("dna_jax workdir cleaned")
+    return removed
+
+
+def _remove_temporaries(workdir: str) -> list[str]:
     removed: list[str] = []
-    if jax.process_index() != 0 or not os.path.isdir(workdir):
+    if not os.path.isdir(workdir):
         return removed
     for root, dirs, files in os.walk(workdir):
         keep = []

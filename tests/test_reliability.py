@@ -338,3 +338,34 @@ def test_a_damaged_supernet_of_a_finished_stage_says_to_remove_its_manifest(tmp_
     with pytest.raises(distill.SupernetCheckpointError,
                        match=r"remove .*distill/manifest.json \(nothing else\) and rerun"):
         distill.load_supernet(str(supernet), {"block0": {}})
+
+
+class _Flag:  # stands for a parsed absl flag (config_flags cannot be parsed twice per process)
+    def __init__(self, value):
+        self.value = value
+
+
+def test_run_command_reports_bad_values_and_a_full_disk_in_one_message(tmp_path, monkeypatch):
+    import errno
+
+    from dna_jax import main
+    bad = tiny_config(**{"search.budget_fraction": 0.0, "data.batch_size": -1})
+    monkeypatch.setattr(main, "_CONFIG", _Flag(bad))
+    monkeypatch.setattr(main, "_WORKDIR", _Flag(str(tmp_path / "w")))
+    with pytest.raises(SystemExit) as error:
+        main.main(["dna-jax run"])
+    message = str(error.value.code)
+    assert message.startswith("dna-jax run: 2 bad config value(s), nothing was run:\n  config.")
+    assert "config.search.budget_fraction=0.0: must be > 0" in message
+    assert "config.data.batch_size=-1: must be >= 1" in message
+    assert not (tmp_path / "w").exists()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/w/teacher/x")
+
+    monkeypatch.setattr(main, "_CONFIG", _Flag(tiny_config()))
+    monkeypatch.setattr(pipeline, "run_pipeline", full_disk)
+    with pytest.raises(SystemExit, match=r"the disk is full \(No space left on device: "
+                                         r"/w/teacher/x\); free space and rerun the same "
+                                         r"command"):
+        main.main(["dna-jax run"])
