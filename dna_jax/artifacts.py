@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -110,11 +111,24 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def stage_status(stage_dir: str, digest: str) -> str:
-    """'missing', 'complete' (same config) or 'changed' (written by another config)."""
+    """'missing', 'complete' (same config) or 'changed' (written by another config).
+
+    An unreadable manifest, or one without a config hash (written by hand, damaged), does not
+    mark the stage complete: it is 'missing' (the stage runs again, resuming its own
+    checkpoints, and writes a new manifest), with a warning naming the file.
+    """
     path = os.path.join(stage_dir, MANIFEST)
     if not os.path.exists(path):
         return "missing"
-    manifest = read_json(path)
+    try:
+        manifest = read_json(path)
+    except ValueError as error:
+        logging.warning("%s; the stage counts as not done and runs again.", error)
+        return "missing"
+    if not isinstance(manifest, dict) or not manifest.get("config_hash"):
+        logging.warning("%s has no config_hash (not written by a finished stage); the stage "
+                        "counts as not done and runs again.", path)
+        return "missing"
     return "complete" if manifest.get("config_hash") == digest else "changed"
 
 

@@ -2,18 +2,47 @@
 
 Every process calls every method (Orbax coordinates multi-host saves itself); restoring into
 an abstract tree whose leaves carry shardings places the arrays directly on the mesh.
+
+A state with a NaN or infinite floating-point leaf is never saved: `save` checks every leaf
+first (one jitted reduction, only at steps that are due) and raises `NonFiniteStateError`,
+so the newest checkpoint is always a finite one ("last good"). On resume,
+`restore_latest_good` checks the restored arrays again: a checkpoint that does not restore or
+holds NaN/inf (a corrupted file) is set aside, never deleted, and the previous one is used.
 """
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or cannot be restored; the message names the directory."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A state to be checkpointed holds NaN/inf; the message names the step and the leaves."""
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(tree: Any) -> tuple[list[str], int]:
+    """(paths of the floating-point leaves holding NaN/inf, number of floating leaves)."""
+    flat = [(jax.tree_util.keystr(path), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not flat:
+        return [], 0
+    flags = np.asarray(jax.device_get(_finite_flags([x for _, x in flat])))
+    return [name for (name, _), ok in zip(flat, flags) if not ok], len(flat)
 
 
 def _absolute(directory: str) -> str:
@@ -53,7 +82,22 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Saves if `step` is due (or `force`); returns whether a save started."""
+        """Saves if `step` is due (or `force`); returns whether a save started.
+
+        Raises:
+            NonFiniteStateError: a floating-point leaf of `state` is NaN/inf (nothing saved;
+                the message names the last good checkpoint).
+        """
+        if not (force or self._manager.should_save(step)):
+            return False
+        bad, total = nonfinite_leaves(state)
+        if bad:
+            last = self.latest_step()
+            raise NonFiniteStateError(
+                f"the state of step {step} holds NaN/inf in {len(bad)} of {total} leaves "
+                f"(first: {', '.join(bad[:3])}); it was not saved. The last good checkpoint is "
+                + (f"step {last} in {self.directory}" if last is not None else
+                   f"none ({self.directory} holds no checkpoint)") + ".")
         saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         if saved:
             logging.info("Checkpoint step %d -> %s%s.", step, self.directory,
@@ -90,6 +134,39 @@ class Checkpointer:
                 f"Checkpoint step {step} in {self.directory} cannot be restored "
                 f"({type(error).__name__}: {error}). Delete {self.directory}/{step} to fall "
                 f"back to an earlier step, or the whole directory to start afresh.") from error
+
+    def restore_latest_good(self, target: Any) -> tuple[Any, int | None]:
+        """The newest checkpoint that restores and holds only finite values, and its step.
+
+        A checkpoint that cannot be restored or holds NaN/inf is set aside (renamed to
+        `<step>.unusable-<time>` beside it, never deleted) with a warning naming it and the
+        reason, and the previous one is tried. Returns (target, None) when none is usable.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(target, step)
+            except CheckpointError as error:
+                problem = str(error.__cause__ or error)
+            else:
+                bad, total = nonfinite_leaves(state)
+                if not bad:
+                    return state, step
+                problem = (f"NaN/inf in {len(bad)} of {total} leaves (first: "
+                           f"{', '.join(bad[:3])})")
+            self._set_aside(step, problem)
+        return target, None
+
+    def _set_aside(self, step: int, problem: str) -> None:
+        path = os.path.join(self.directory, str(step))
+        moved = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and os.path.exists(path):
+            os.replace(path, moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        self._manager.reload()
+        logging.warning("Checkpoint step %d in %s is unusable (%s); set aside as %s, trying "
+                        "the previous one.", step, self.directory, problem[:500], moved)
 
     def wait(self) -> None:
         """Blocks until the pending async save is on disk."""

@@ -6,7 +6,8 @@
   dna-jax export --space NAME (--table-dir DIR --budget macs=460M | --arch arch.json) [--out DIR]
                                                          export the winner (dna_jax.export)
 
-Every command ends by printing one JSON object on its last output line.
+Every command ends by printing one JSON object on its last output line. `dna-jax CMD --help`
+lists a command's flags; a bad argument is refused with one line on stderr and status 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,33 @@ from typing import Callable, Sequence
 
 from dna_jax import costs, space
 from dna_jax.models import zoo
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (status 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _integer(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _integer(text, 0, "an integer >= 0")
 
 
 def zoo_table(resolution: int = 224, num_classes: int = 1000) -> tuple[str, dict]:
@@ -38,10 +66,12 @@ def zoo_table(resolution: int = 224, num_classes: int = 1000) -> tuple[str, dict
 
 
 def info(argv: Sequence[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="dna-jax info",
-                                     description="Search-space presets and the model zoo.")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser = ArgumentParser(prog="dna-jax info",
+                            description="Search-space presets and the model zoo.")
+    parser.add_argument("--resolution", type=positive_int, default=224,
+                        help="input side length in pixels for the zoo's costs (default 224)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000,
+                        help="classifier outputs for the zoo's costs (default 1000)")
     args = parser.parse_args(argv)
     print("Search spaces:")
     sizes = {}
@@ -58,12 +88,33 @@ def info(argv: Sequence[str]) -> dict:
     return {"spaces": sizes, "zoo": figures}
 
 
-def _absl_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
+_HELP = ("-h", "--help", "-?", "--helpshort")
+
+
+def _absl_entry(module: str, command: str) -> Callable[[Sequence[str]], dict | None]:
     """Delegates to `module.run(argv)`: an absl app that defines its flags, parses `argv`
-    (without the program name) and prints its own JSON line."""
+    (without the program name) and prints its own JSON line. `--help` lists the module's
+    flags here (absl's own --help lists only the flags of `__main__`)."""
     def run(argv: Sequence[str]):
-        return importlib.import_module(module).run(list(argv))
+        lib = importlib.import_module(module)
+        if any(arg in _HELP for arg in argv):
+            print(absl_help(lib, command))
+            return None
+        return lib.run(list(argv))
     return run
+
+
+def absl_help(lib, command: str) -> str:
+    """Usage of an absl command: its module docstring's first paragraph and its flags."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    lib.define_flags()
+    summary = (lib.__doc__ or "").strip().split("\n\n")[0]
+    listed = "".join(f"\n  --{name}: {flags.FLAGS[name].help} (required)"
+                     for name in ("config", "workdir"))
+    return (f"usage: dna-jax {command} --config FILE.py[:ARG] --workdir DIR "
+            f"[--config.FIELD=VALUE ...]\n\n{summary}\n\nflags:{listed}\n"
+            "  --config.FIELD=VALUE: override any field of the config, e.g. "
+            "--config.seed=1\n\nabsl's own flags: dna-jax " + command + " --helpfull")
 
 
 def _library_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
@@ -75,8 +126,8 @@ def _library_entry(module: str) -> Callable[[Sequence[str]], dict | None]:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], dict | None]] = {
     "info": info,
-    "run": _absl_entry("dna_jax.main"),
-    "train": _absl_entry("dna_jax.retrain"),
+    "run": _absl_entry("dna_jax.main", "run"),
+    "train": _absl_entry("dna_jax.retrain", "train"),
     "export": _library_entry("dna_jax.export"),
 }
 

@@ -781,7 +781,8 @@ def _flush(pending: list[tuple[int, tuple[int, ...], dict]], writer: Any, histor
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"distillation loss of block {k} (block{k}) is {value} at step {step}; "
-                    f"the last good checkpoint is step {last_good} in {checkpoint_dir} "
+                    f"the last good checkpoint is "
+                    f"{'none' if last_good is None else f'step {last_good}'} in {checkpoint_dir} "
                     "(lower distill.learning_rates or check the teacher and data)")
     step, active, _ = pending[-1]
     scalars, losses = {}, {}
@@ -855,14 +856,27 @@ def _after_step(loop: _Loop, step: int, phase_stop: int, state: DistillState,
                   loop.distiller.names)
         loop.eval_seconds += watch.elapsed()
     if save_due:
-        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        _save_finite(loop, step, state)
         loop.history.save()
         loop.last_good = step
     elif loop.checkpointer.reached_preemption(step):
-        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+        _flush(pending, loop.writer, loop.history, loop.last_good, loop.checkpointer.directory)
+        _save_finite(loop, step, state)
         loop.checkpointer.wait()
         loop.history.save()
         raise SystemExit(f"Preempted at step {step}; checkpoint saved, rerun to resume.")
+
+
+def _save_finite(loop: _Loop, step: int, state: DistillState) -> None:
+    """Saves `state` unless it holds NaN/inf (NonFiniteLossError naming the last good one)."""
+    try:
+        loop.checkpointer.save(step, _checkpoint_tree(state), force=True)
+    except checkpoint_lib.NonFiniteStateError as error:
+        raise NonFiniteLossError(
+            f"distillation made the supernet non-finite at step {step} (the losses were "
+            f"finite): {error} Lower distill.learning_rates; a rerun with the fixed config "
+            "resumes from the last good checkpoint (dna-jax run: add "
+            "--config.on_change=resume).") from error
 
 
 def _run_phases(loop: _Loop, phases: Sequence[Phase], state: DistillState, train_data: Any,
@@ -919,7 +933,8 @@ def train_supernet(config: ml_collections.ConfigDict, teacher: EfficientNet,
       ValueError: a bad config value (naming the field) or an unaligned space.
       NonFiniteLossError: a block's loss became NaN/inf (block and step named; the last good
         checkpoint is kept).
-      CheckpointError: the checkpoint to resume from cannot be restored.
+      (A checkpoint that cannot be restored or holds NaN/inf is set aside and the previous
+      one used: checkpoint.Checkpointer.restore_latest_good.)
     """
     watch = metrics_lib.Stopwatch()
     check_config(config)
@@ -937,10 +952,12 @@ def train_supernet(config: ml_collections.ConfigDict, teacher: EfficientNet,
         os.path.join(workdir, CHECKPOINT_SUBDIR),
         save_every_steps=config.checkpoint_every_steps or total_steps,
         keep=config.max_checkpoints)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = _state_from_checkpoint(checkpointer.restore(_checkpoint_tree(state), start_step))
-        logging.info("Resumed distillation from step %d.", start_step)
+    start_step = 0
+    if checkpointer.latest_step():  # the newest usable one (others are set aside)
+        tree, good = checkpointer.restore_latest_good(_checkpoint_tree(state))
+        if good:
+            state, start_step = _state_from_checkpoint(tree), good
+            logging.info("Resumed distillation from step %d.", start_step)
     loop = _Loop(distiller, config, mesh, teacher_variables, checkpointer,
                  metrics_lib.create_writer(workdir),
                  _History(os.path.join(workdir, HISTORY_FILE), start_step),
@@ -1059,6 +1076,16 @@ def _shape_differences(found: dict[str, list], expected: dict[str, list]) -> lis
     return problems
 
 
+def _redo_hint(directory: str) -> str:
+    """How to make the supernet again (a pipeline's distill stage is skipped while its
+    manifest says complete: remove the manifest and the stage resumes from its checkpoints)."""
+    manifest = os.path.join(os.path.dirname(directory), "manifest.json")
+    if os.path.exists(manifest):
+        return (f"remove {manifest} (nothing else) and rerun: the distill stage then resumes "
+                "from its checkpoints and saves the supernet again")
+    return "distil it again"
+
+
 def load_supernet(directory: str, distiller_or_abstract: Distiller | PyTree,
                   mesh: Mesh | None = None) -> dict:
     """Restores variables written by `save_supernet`.
@@ -1086,7 +1113,7 @@ def load_supernet(directory: str, distiller_or_abstract: Distiller | PyTree,
             found = json.load(f)["shapes"]
     except (OSError, ValueError, KeyError) as error:
         raise SupernetCheckpointError(f"{manifest_path} is corrupt ({error}); "
-                                      "delete the directory and distil again") from error
+                                      + _redo_hint(directory)) from error
     problems = _shape_differences(found, _flat_shapes(abstract))
     if problems:
         raise SupernetCheckpointError(
@@ -1103,6 +1130,6 @@ def load_supernet(directory: str, distiller_or_abstract: Distiller | PyTree,
     except Exception as error:  # Orbax raises many types; all mean "unusable".
         raise SupernetCheckpointError(
             f"the supernet in {directory} cannot be restored ({type(error).__name__}: "
-            f"{error}); delete it and distil again") from error
+            f"{error}); " + _redo_hint(directory)) from error
     finally:
         checkpointer.close()

@@ -179,6 +179,14 @@ def load_supernet_variables(path: str) -> dict[str, PyTree]:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: supernet checkpoint folder does not exist")
+    from dna_jax import distill as distill_lib  # pylint: disable=import-outside-toplevel
+    from dna_jax import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+    if os.path.exists(os.path.join(path, teacher_lib.METADATA_FILE)) or os.path.exists(
+            os.path.join(os.path.dirname(path), teacher_lib.METADATA_FILE)):
+        raise ValueError(f"{path} is a teacher checkpoint ({teacher_lib.METADATA_FILE}), not a "
+                         "supernet: give the distill stage's output, <workdir>/distill/supernet")
+    if os.path.exists(os.path.join(path, distill_lib.SUPERNET_MANIFEST)):
+        path = os.path.join(path, distill_lib.SUPERNET_ITEM)  # the pipeline's artifact folder
     steps = [int(name) for name in os.listdir(path) if name.isdigit()]
     if steps:
         path = os.path.join(path, str(max(steps)))
@@ -200,6 +208,11 @@ def load_supernet_variables(path: str) -> dict[str, PyTree]:
             isinstance(v, Mapping) and "params" in v for v in tree.values()):
         return dict(tree)
     keys = ", ".join(map(str, tree)) if isinstance(tree, Mapping) else type(tree).__name__
+    if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
+        inner = ", ".join(list(map(str, tree["params"]))[:4])
+        raise ValueError(f"{path}: these are one network's variables (params: {inner}, ...), "
+                         "not a supernet's (params: block0, block1, ...): give the distill "
+                         "stage's output, <workdir>/distill/supernet")
     raise ValueError(f"{path}: expected supernet variables {{'block<k>': {{'params', "
                      f"'batch_stats'}}}} or a state with 'params'/'batch_stats'; found: {keys}")
 
@@ -332,8 +345,14 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
     if summary.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{summary_path}: format {summary.get('format')!r}, expected "
                          f"{EXPORT_FORMAT!r}")
-    with open(os.path.join(out_dir, ARCH_FILE), encoding="utf-8") as f:
-        arch = Arch.from_json(f.read())
+    arch_path = os.path.join(out_dir, ARCH_FILE)
+    try:
+        with open(arch_path, encoding="utf-8") as f:
+            arch = Arch.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{arch_path} is not a readable architecture ({type(error).__name__}: "
+                         f"{error}); export it again (in a pipeline workdir: remove "
+                         "search/manifest.json and rerun the search stage)") from error
     space = space or get_space(summary["space"])
     config = _layer_config_from(summary["layer_config"])
     module = build_childnet(space, arch, summary["num_classes"], config)
@@ -353,9 +372,9 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
 # ---- command line: `dna-jax export` ----------------------------------------------------------
 
 def _parser():
-    import argparse
+    from dna_jax.cli import ArgumentParser, nonnegative_int, positive_int
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dna-jax export",
         description="Search the rating tables under budgets (or read an arch.json) and export "
                     "the winner: arch.json, block strings, an Orbax checkpoint of the child.")
@@ -369,9 +388,12 @@ def _parser():
     parser.add_argument("--combine", default="sum", choices=("sum", "product"))
     parser.add_argument("--standardize", action="store_true")
     parser.add_argument("--out", help="export folder (default: 'export' beside the source)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--resolution", type=int, default=0, help="default: the space's")
-    parser.add_argument("--supernet", help="Orbax checkpoint of the supernet variables")
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
+    parser.add_argument("--resolution", type=nonnegative_int, default=0,
+                        help="input side length in pixels (default 0: the space's)")
+    parser.add_argument("--supernet", help="the supernet whose weights the child inherits: "
+                        "a pipeline's <workdir>/distill/supernet (or its variables/ folder), "
+                        "or a distillation checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -401,6 +423,10 @@ def main(argv: Sequence[str]) -> dict:
         return _run(args)
     except ValueError as error:
         raise SystemExit(f"dna-jax export: {error}") from error
+    except OSError as error:  # an unwritable --out, a full disk, ...
+        raise SystemExit(f"dna-jax export: cannot write the export "
+                         f"({error.strerror or error}: {error.filename or args.out}); "
+                         "choose a writable --out") from error
 
 
 def _run(args) -> dict:

@@ -12,6 +12,7 @@ dna_jax.progressive; this file only parses flags.
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Sequence
 
@@ -20,12 +21,19 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dna_jax import metrics, pipeline, progressive, sharding
+from dna_jax import metrics, pipeline, progressive, sharding, validate
+from dna_jax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (file.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every stage's artifacts.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Pipeline config (file.py[:arg]), e.g. configs/fashion_mnist_dna.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every stage's artifacts (one run "
+                               "at a time: it is locked while a run uses it).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """The flags are defined when this module is imported (dna_jax.cli's --help calls this)."""
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -44,10 +52,20 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     sharding.initialize_distributed(config.distributed)
-    if progressive.is_progressive(config):  # DNA+: rounds of the pipeline
-        figures = progressive.run_progressive(config, _WORKDIR.value)
-    else:
-        figures = pipeline.run_pipeline(config, _WORKDIR.value)
+    try:
+        if progressive.is_progressive(config):  # DNA+: rounds of the pipeline
+            figures = progressive.run_progressive(config, _WORKDIR.value)
+        else:
+            figures = pipeline.run_pipeline(config, _WORKDIR.value)
+    except (validate.ConfigError, workdir_lib.WorkdirLockedError) as error:
+        raise SystemExit(f"dna-jax run: {error}") from None  # the message says it all
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"dna-jax run: the disk is full ({error.strerror}"
+                         f"{': ' + str(error.filename) if error.filename else ''}); free space "
+                         "and rerun the same command: finished stages are skipped and the "
+                         "interrupted one resumes from its last checkpoint.") from error
     print(metrics.final_line(figures), flush=True)
 
 

@@ -47,6 +47,8 @@ from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import ssl as ssl_lib
 from dna_jax import teacher as teacher_lib
+from dna_jax import validate as validate_lib
+from dna_jax import workdir as workdir_lib
 from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
 
@@ -54,7 +56,7 @@ STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
 SSL_STAGES = ("ssl", "rate", "search", "retrain", "report")  # DNA++: no teacher
 STAGE_ORDER = ("teacher", "distill", "ssl", "rate", "search", "retrain", "report")
 SUPERVISIONS = ("teacher", "ssl")
-ON_CHANGE = ("error", "rerun")
+ON_CHANGE = ("error", "rerun", "resume")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 STARTED_FILE = "started.json"
@@ -73,10 +75,17 @@ class StageError(RuntimeError):
 def get_default_config() -> ml_collections.ConfigDict:
     """Every field the pipeline reads; experiment configs override them and lock the result.
 
+    Every value that can be checked without running is checked before any work
+    (`check_config`, dna_jax.validate): a run with a bad value stops naming each field, its
+    value and the fix, before the workdir is touched.
+
     Sections:
       stages: comma-separated subset of STAGES to run, in pipeline order.
       on_change: 'error' (default) stops when an artifact was written by another config and
-        names the keys that changed; 'rerun' moves the old artifact aside and recomputes.
+        names the keys that changed; 'rerun' moves the old artifact aside and recomputes;
+        'resume' continues an unfinished stage of another config from its checkpoints (after
+        a NaN stop: fix the learning rate and resume from the last good, finite checkpoint;
+        a finished stage of another config is still an error).
       seed, distributed, mesh: as in the trainer (dna_jax.retrain).
       compilation_cache: directory of JAX's persistent compilation cache, so a resumed or
         repeated run does not compile its steps again (minutes on a CPU); 'auto' =
@@ -794,6 +803,11 @@ def _check_started(ctx: Context, stage: str) -> None:
     started = artifacts.read_json(path)
     if started.get("config_hash") == ctx.digests[stage]:
         return
+    if ctx.config.on_change == "resume":  # run_stage then records this config as started
+        logging.warning("%s: continuing an unfinished run of another config (%s) from its "
+                        "checkpoints (on_change=resume).", stage, artifacts.config_changes(
+                            started.get("config", {}), stage_config(ctx.config, stage)))
+        return
     _changed(ctx, stage, started.get("config", {}), "an unfinished run of it")
 
 
@@ -809,7 +823,9 @@ def _changed(ctx: Context, stage: str, old_config: Any, what: str) -> None:
         return
     raise artifacts.ConfigChangedError(
         f"stage {stage!r}: {stage_dir} holds {what} made by another config ({detail}). Use "
-        f"another --workdir, or pass --config.on_change=rerun to move it aside and recompute.")
+        f"another --workdir, or pass --config.on_change=rerun to move it aside and recompute"
+        + (" (or --config.on_change=resume to continue it from its last checkpoint with this "
+           "config)." if what.startswith("an unfinished") else "."))
 
 
 def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:
@@ -853,8 +869,15 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     return figures, "ran"
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the field, on values the stages would only reject much later."""
+def check_config(config: ml_collections.ConfigDict, workdir: str | None = None,
+                 devices: int | None = None) -> None:
+    """Fails early, naming the field, on values the stages would only reject much later.
+
+    After the names below, every statically checkable value is checked in one pass
+    (dna_jax.validate: finite floats, positive counts, batches that divide over the
+    `devices` of the mesh, image sizes against the strides, the search budget against the
+    space's cheapest network); `validate.ConfigError` lists every problem with its fix.
+    """
     stages = parse_stages(config.stages)
     if config.on_change not in ON_CHANGE:
         raise ValueError(f"config.on_change must be one of {ON_CHANGE}, got {config.on_change!r}")
@@ -879,11 +902,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.search.cost not in costs_lib.COST_NAMES:
         raise ValueError(f"config.search.cost must be one of {costs_lib.COST_NAMES}, got "
                          f"{config.search.cost!r}")
-    if config.rate.num_batches < 1 or config.rate.batch_size < 1:
-        raise ValueError("config.rate.num_batches and config.rate.batch_size must be >= 1")
     if config.rate.get("recalibration_images", 0) < 0:
         raise ValueError("config.rate.recalibration_images must be >= 0 (0 = one training "
                          f"batch), got {config.rate.recalibration_images}")
+    validate_lib.validate_pipeline_config(config, stages, workdir=workdir, devices=devices)
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:
@@ -908,7 +930,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
       report's summary when the report stage ran (teacher_accuracy, winner_accuracy,
       teacher_macs, winner_macs, ...), else the last stage's figures under its name}.
     """
-    check_config(config)
+    check_config(config, workdir=os.path.abspath(workdir),
+                 devices=mesh.devices.size if mesh is not None else None)
     watch = metrics_lib.Stopwatch()
     mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
     ctx = Context(config=config, workdir=os.path.abspath(workdir), mesh=mesh,
@@ -917,8 +940,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
     _use_compilation_cache(config.compilation_cache, ctx.workdir)
     ran: dict[str, str] = {}
     figures: dict[str, Any] = {}
-    for stage in parse_stages(config.stages):
-        figures[stage], ran[stage] = run_stage(ctx, stage)
+    with workdir_lib.workdir_lock(ctx.workdir):  # one run per workdir
+        workdir_lib.clean_temporaries(ctx.workdir)
+        for stage in parse_stages(config.stages):
+            figures[stage], ran[stage] = run_stage(ctx, stage)
     result: dict[str, Any] = {"stages": ran}
     if "report" in figures:
         result.update(figures["report"])

@@ -10,6 +10,7 @@ Run:
 """
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -39,8 +40,12 @@ FIGURES_FILE = "figures.json"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+TRAIN_SUMMARY_FILE = "train_summary.json"  # train_loss / accuracy at each checkpointed step
+
+
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the step."""
+    """The training loss or the state became NaN or infinite; the message names the step and
+    the last good (finite) checkpoint, from which a rerun with a fixed config resumes."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +101,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.ema_warmup = True  # TF-style: decay = min(ema_decay, (1 + t) / (10 + t)).
     config.log_every_steps = 100
     config.eval_every_steps = 0  # 0 = evaluate at the end only.
+    # Checkpoints: a state with NaN/inf is never saved (NonFiniteLossError names the last
+    # good one); a resumed run uses the newest checkpoint that restores and is finite.
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2
     config.async_checkpoint = True
@@ -349,6 +356,10 @@ def evaluate(eval_step: Callable, variables: dict[str, Any],
             "loss": float(totals["loss"]) / count, "count": int(totals["count"])}
 
 
+def _step_text(step: int | None) -> str:
+    return "none (training restarts from step 0)" if step is None else f"step {step}"
+
+
 def _summarise(pending: list[dict[str, jax.Array]], first_step: int,
                checkpoint_dir: str, last_good: int | None) -> dict[str, float]:
     """Means of the pending step metrics; raises at the first non-finite loss."""
@@ -359,9 +370,46 @@ def _summarise(pending: list[dict[str, jax.Array]], first_step: int,
         step = first_step + int(bad[0])
         raise NonFiniteLossError(
             f"Training loss is {losses[bad[0]]} at step {step}; stopped. The last good "
-            f"checkpoint is step {last_good} in {checkpoint_dir} (nothing from step {step} on "
-            "was saved). Lower the learning rate, enable grad_clip_norm, or check the data.")
+            f"checkpoint is {_step_text(last_good)} in {checkpoint_dir} (nothing from step "
+            f"{step} on was saved). Lower the learning rate, enable grad_clip_norm, or check the "
+            "data; a rerun with the fixed config resumes from the last good checkpoint (dna-jax "
+            "run: add --config.on_change=resume).")
     return {f"train_{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _save_finite(checkpointer: checkpoint_lib.Checkpointer, step: int, state: TrainState,
+                 force: bool) -> bool:
+    """checkpointer.save, refusing a state with NaN/inf leaves (NonFiniteLossError)."""
+    try:
+        return checkpointer.save(step, state, force=force)
+    except checkpoint_lib.NonFiniteStateError as error:
+        raise NonFiniteLossError(
+            f"Training made the parameters non-finite at step {step} (its loss was finite): "
+            f"{error} Lower the learning rate or enable grad_clip_norm; a rerun with the fixed "
+            "config resumes from the last good checkpoint (dna-jax run: add "
+            "--config.on_change=resume).") from error
+
+
+def _read_summaries(workdir: str) -> dict[str, dict[str, float]]:
+    path = os.path.join(workdir, TRAIN_SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        logging.warning("%s is unreadable; the train figures of a resumed run may be NaN.", path)
+        return {}
+
+
+def _record_summary(workdir: str, summaries: dict[str, dict[str, float]], step: int,
+                    summary: dict[str, float], keep: int = 8) -> dict[str, dict[str, float]]:
+    """Remembers the train figures of a checkpointed step (process 0 writes the file)."""
+    summaries = {**summaries, str(step): dict(summary)}
+    newest = sorted(summaries, key=int)[-keep:]
+    summaries = {k: summaries[k] for k in newest}
+    metrics_lib.write_json(os.path.join(workdir, TRAIN_SUMMARY_FILE), summaries)
+    return summaries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,11 +476,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = checkpoint_lib.Checkpointer(
         checkpoint_dir, save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, async_save=config.async_checkpoint)
-    last_good = checkpointer.latest_step()
-    if last_good is not None:
-        state = checkpointer.restore(state, last_good)
-        logging.info("Resumed from step %d in %s.", last_good, checkpoint_dir)
+    last_good = None
+    if checkpointer.latest_step() is not None:  # the newest usable one (others set aside)
+        state, last_good = checkpointer.restore_latest_good(state)
+        if last_good is None:
+            logging.warning("No usable checkpoint in %s: training from step 0.", checkpoint_dir)
+        else:
+            logging.info("Resumed from step %d in %s.", last_good, checkpoint_dir)
     start_step = int(jax.device_get(state.step))
+    # The train figures of the resumed step (a run killed after its last checkpoint reports
+    # them again instead of NaN).
+    summaries = _read_summaries(workdir)
+    summary: dict[str, float] = dict(summaries.get(str(start_step), {}))
 
     # Compiled steps.
     rng = jax.random.key(config.seed + 1)
@@ -448,7 +503,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if start_step == 0:
         writer.write_hparams(_flat_hparams(config))
     progress = metrics_lib.report_progress(total_steps, writer)
-    summary: dict[str, float] = {}
     train_seconds = 0.0
     try:
         with jax.set_mesh(mesh):
@@ -471,10 +525,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     with progress.timed("eval"):
                         result = evaluate(eval_step, state.eval_variables(use_ema), iter(eval_data))
                     writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
-                if checkpointer.save(step, state, force=is_last):
+                if save_due:  # first: a checkpoint is never without its train figures
+                    summaries = _record_summary(workdir, summaries, step, summary)
+                if _save_finite(checkpointer, step, state, is_last):
                     last_good = step
                 if not is_last and checkpointer.reached_preemption(step):
-                    checkpointer.save(step, state, force=True)
+                    summary = _summarise(pending, step - len(pending) + 1, checkpoint_dir,
+                                         last_good) if pending else summary
+                    pending = []
+                    _record_summary(workdir, summaries, step, summary)
+                    _save_finite(checkpointer, step, state, True)
                     checkpointer.wait()
                     raise SystemExit(f"Preempted at step {step}; checkpoint saved, rerun to resume.")
             jax.block_until_ready(state)
@@ -551,14 +611,25 @@ def run(argv: list[str] | None = None) -> None:
     """
     import sys  # pylint: disable=import-outside-toplevel
 
-    from absl import app, flags  # pylint: disable=import-outside-toplevel
+    from absl import app  # pylint: disable=import-outside-toplevel
+
+    define_flags()
+    app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
+
+
+def define_flags() -> None:
+    """--config and --workdir (once per process)."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-    config_flags.DEFINE_config_file("config", None, "Trainer config file (file.py[:arg]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and figures.")
+    if "workdir" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file(
+        "config", None, "Trainer config file (file.py[:arg]), e.g. "
+        "configs/fashion_mnist_teacher.py:tiny.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and figures "
+                        "(a rerun resumes from its checkpoints).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dna_jax import data as data_lib
+from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import distill, sharding
 from dna_jax.checkpoint import Checkpointer
 from dna_jax.models.childnet import build_childnet
@@ -300,6 +301,30 @@ def test_nan_loss_stops_naming_the_block_and_step(tiny, tmp_path):
     with pytest.raises(distill.NonFiniteLossError, match=r"block 1 .* at step 3.*step 2"):
         distill.train_supernet(config, args[0], poisoned, *args[2:])
     assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+@pytest.mark.slow  # Three short trainings: 37 s (warm compilation cache) to 180 s (loaded) here.
+def test_nonfinite_supernet_is_never_checkpointed_and_a_fixed_rerun_resumes(tiny, tmp_path):
+    # A learning rate of 1e39 (inf in float32) keeps step 3's losses finite (computed before
+    # the update) but makes the supernet non-finite: that state must not be checkpointed.
+    args = (tiny["teacher"], tiny["teacher_variables"], tiny["train"], None, str(tmp_path),
+            tiny["mesh"], TINY_SPACE)
+    distill.train_supernet(tiny_config(num_steps=2, checkpoint_every_steps=1), *args)
+    bad = tiny_config(num_steps=4, checkpoint_every_steps=1, learning_rates=(1e39,))
+    with pytest.raises(distill.NonFiniteLossError, match="non-finite at step 3") as error:
+        distill.train_supernet(bad, *args)
+    assert "The last good checkpoint is step 2" in str(error.value)
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
+    assert checkpointer.latest_step() == 2
+    state = distill.init_state(tiny_distiller(tiny), 42, tiny["train"].info.image_shape,
+                               tiny["mesh"])
+    restored = checkpointer.restore(distill._checkpoint_tree(state), 2)
+    checkpointer.close()
+    assert checkpoint_lib.nonfinite_leaves(restored)[0] == []
+    _, figures = distill.train_supernet(tiny_config(num_steps=4, checkpoint_every_steps=1),
+                                        *args)
+    assert figures["resumed_from_step"] == 2 and figures["steps_this_run"] == 2
+    assert all(np.isfinite(figures["train_loss_final"]))
 
 
 def test_sequential_schedule_trains_one_block_at_a_time(tiny, tmp_path):

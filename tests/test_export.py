@@ -236,3 +236,33 @@ def test_supernet_checkpoint_layouts(exported, tmp_path):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="other: expected supernet variables .* found: weights"):
         E.load_supernet_variables(str(tmp_path / "other"))
+
+
+def test_cli_supernet_folders_and_unwritable_out(exported, tmp_path, capsys, monkeypatch):
+    from dna_jax import distill, teacher
+    space, _, supernet, _, winner = exported
+    monkeypatch.setitem(sp.PRESETS, space.name, tiny_space)
+    arch = os.path.join(winner, E.ARCH_FILE)
+    common = ["--space", space.name, "--arch", arch, "--num-classes", str(CLASSES),
+              "--resolution", str(RES)]
+    # The pipeline's artifact folder (<workdir>/distill/supernet) and its variables/ both work.
+    artifact = str(tmp_path / "W" / "distill" / "supernet")
+    distill.save_supernet(artifact, jax.device_get(supernet))
+    for folder in (artifact, os.path.join(artifact, distill.SUPERNET_ITEM)):
+        _, figures = run_cli(capsys, *common, "--out", str(tmp_path / "out"), "--supernet",
+                             folder)
+        assert figures["from_supernet"] and figures["inherited_leaves"] > 0
+    # One network's variables (here the exported child's) or a teacher are named as such.
+    with pytest.raises(SystemExit, match="one network's variables .* not a supernet's .* "
+                                         "<workdir>/distill/supernet"):
+        cli.main(["export", *common, "--supernet", os.path.join(winner, E.VARIABLES_DIR)])
+    fake_teacher = tmp_path / "teacher"
+    os.makedirs(fake_teacher / teacher.VARIABLES_DIR)
+    (fake_teacher / teacher.METADATA_FILE).write_text("{}")
+    for folder in (fake_teacher, fake_teacher / teacher.VARIABLES_DIR):
+        with pytest.raises(SystemExit, match="is a teacher checkpoint .* not a supernet"):
+            cli.main(["export", *common, "--supernet", str(folder)])
+    # An --out that cannot be written is one line, not a traceback.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the export .* choose a writable --out"):
+        cli.main(["export", *common, "--out", str(tmp_path / "file" / "export")])

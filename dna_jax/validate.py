@@ -1,0 +1,332 @@
+"""One pass over a pipeline config before any work: every value that can be checked statically.
+
+`validate_pipeline_config` collects every problem (not just the first) and raises one
+`ConfigError` listing them, each as `field=value: what is wrong; the fix`. It checks:
+
+  - every float anywhere in the config is finite (a NaN learning rate, an inf budget, ...);
+  - counts and sizes are positive (batch sizes, epochs / steps, checkpoint and log periods);
+  - global batch sizes divide over the mesh's devices;
+  - image sizes are at least the networks' total stride (stem x every stride-2 layer);
+  - the search budget: `search.budget_fraction` > 0 when no absolute budget is given, and a
+    budget (absolute, or the fraction of the teacher's statically known cost) that no
+    network of the space fits is refused, with the space's cheapest and dearest networks;
+  - the sections' own checks (dna_jax.distill / rate / ssl check_config).
+
+Only the sections of the stages that will run are checked (a `stages=search` run is not
+refused for a retraining typo). Nothing here touches the workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_collections
+
+from dna_jax import costs as costs_lib
+from dna_jax import distill as distill_lib
+from dna_jax import rate as rate_lib
+from dna_jax import ssl as ssl_lib
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import zoo
+from dna_jax.space import SearchSpace, get_space
+
+NATIVE_SIZES = {"fashion_mnist": 28}  # data.image_size=0 means the source's native size
+KNOWN_CLASSES = {"fashion_mnist": 10}
+
+
+class ConfigError(ValueError):
+    """Config values that cannot work; `problems` lists each (field, value, fix)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} bad config value(s), nothing was run:\n  "
+                         + "\n  ".join(self.problems))
+
+
+class _Problems:
+    """Collects `field=value: problem; fix` lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, field: str, value: Any, what: str) -> None:
+        self.lines.append(f"config.{field}={value!r}: {what}")
+
+    def need(self, ok: bool, field: str, value: Any, what: str) -> None:
+        if not ok:
+            self.add(field, value, what)
+
+    def call(self, check: Callable[[Any], None], section: Any, prefix: str) -> None:
+        """Runs a module's own check_config, recording its ValueError."""
+        try:
+            check(section)
+        except ValueError as error:
+            self.lines.append(f"config.{prefix}: {error}")
+
+
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted field, value) of every float in a config, lists and tuples included."""
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+        for key, value in node.items():
+            yield from _floats(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from _floats(value, f"{prefix}[{index}]")
+    elif isinstance(node, float):
+        yield prefix, node
+
+
+def total_stride(spec_or_space: Any) -> int:
+    """Stem stride x every layer's stride: a network's input-to-head downsampling."""
+    if isinstance(spec_or_space, SearchSpace):
+        space = spec_or_space
+        return int(space.stem_stride * space.first_layer.stride
+                   * math.prod(block.stride for block in space.blocks))
+    spec = spec_or_space
+    return int(spec.stem_stride * math.prod(layer.stride for stage in spec.stages
+                                            for layer in stage))
+
+
+def space_cost_range(space: SearchSpace, resolution: int, num_classes: int
+                     ) -> dict[str, tuple[int, int]]:
+    """{cost name: (cheapest, dearest)} over every network of the space (stem and head
+    included): each block's layers cost independently, so the extremes are per-layer."""
+    fixed = _space_fixed(space, resolution, num_classes)
+    low, high = dict(fixed), dict(fixed)
+    for b, block in enumerate(space.blocks):
+        table = costs_lib.block_op_cost_table(space, b, resolution)
+        for l in range(block.num_layers):
+            choices = table[l, list(space.layer_choices(b, l))]  # [choices, costs]
+            for i, name in enumerate(costs_lib.COST_NAMES):
+                low[name] += int(choices[:, i].min())
+                high[name] += int(choices[:, i].max())
+    return {name: (low[name], high[name]) for name in costs_lib.COST_NAMES}
+
+
+def _space_fixed(space: SearchSpace, resolution: int, num_classes: int) -> dict[str, int]:
+    """Stem, first layer and head (fixed blocks are counted by their one-choice layers)."""
+    from dna_jax import search as search_lib  # pylint: disable=import-outside-toplevel
+    return search_lib.space_fixed_costs(space, resolution, num_classes)
+
+
+def _trainer(problems: _Problems, cfg: Any, prefix: str, devices: int,
+             network_stride: int | None, network: str) -> None:
+    """A classifier-trainer section (teacher.train, retrain): counts, lr, batches, size."""
+    p = f"{prefix}."
+    problems.need(cfg.total_steps >= 0, p + "total_steps", cfg.total_steps,
+                  "must be >= 0 (0 = use num_epochs)")
+    if cfg.num_epochs < 0:
+        problems.add(p + "num_epochs", cfg.num_epochs, "must be >= 0")
+    elif not (cfg.total_steps > 0 or cfg.num_epochs > 0):
+        problems.add(p + "num_epochs", cfg.num_epochs, f"must be > 0 when {p}total_steps is 0 "
+                     "(else training would run one step)")
+    lr = cfg.optimizer.learning_rate
+    problems.need(not lr <= 0, p + "optimizer.learning_rate", lr, "must be > 0 (e.g. 0.016)")
+    for field in ("weight_decay", "grad_clip_norm"):
+        value = cfg.optimizer[field]
+        problems.need(value >= 0, f"{p}optimizer.{field}", value, "must be >= 0")
+    problems.need(0 <= cfg.label_smoothing < 1, p + "label_smoothing", cfg.label_smoothing,
+                  "must be in [0, 1)")
+    problems.need(0 <= cfg.ema_decay < 1, p + "ema_decay", cfg.ema_decay,
+                  "must be in [0, 1) (0 = no EMA)")
+    problems.need(cfg.log_every_steps >= 1, p + "log_every_steps", cfg.log_every_steps,
+                  "must be >= 1")
+    problems.need(cfg.keep_checkpoints >= 1, p + "keep_checkpoints", cfg.keep_checkpoints,
+                  "must be >= 1")
+    for field in ("checkpoint_every_steps", "eval_every_steps"):
+        problems.need(cfg[field] >= 0, p + field, cfg[field], "must be >= 0")
+    _data(problems, cfg.data, p + "data", devices, network_stride, network)
+
+
+def _data(problems: _Problems, cfg: Any, prefix: str, devices: int,
+          network_stride: int | None, network: str) -> None:
+    """A data section: positive batch sizes dividing over the devices, a usable image size."""
+    p = f"{prefix}."
+    batch = cfg.batch_size
+    if batch < 1:
+        problems.add(p + "batch_size", batch, "must be >= 1 (the global batch, all devices)")
+    elif batch % devices:
+        problems.add(p + "batch_size", batch, f"must be divisible by the {devices} devices of "
+                     f"the mesh: use {max(devices, batch - batch % devices)} or "
+                     f"{batch + devices - batch % devices}, or set config.mesh.num_devices")
+    eval_batch = cfg.eval_batch_size
+    if eval_batch < 0:
+        problems.add(p + "eval_batch_size", eval_batch, "must be >= 0 (0 = batch_size)")
+    elif eval_batch and eval_batch % devices:
+        problems.add(p + "eval_batch_size", eval_batch, f"must be divisible by the {devices} "
+                     f"devices of the mesh: use {eval_batch + devices - eval_batch % devices}")
+    size = cfg.image_size
+    if size < 0:
+        problems.add(p + "image_size", size, "must be >= 0 (0 = the source's native size)")
+    resolution = size or NATIVE_SIZES.get(cfg.source, 0)
+    if network_stride and resolution and resolution < network_stride:
+        problems.add(p + "image_size", size, f"is {resolution} px, smaller than the total "
+                     f"stride {network_stride} of {network}: use at least {network_stride}")
+
+
+def _teacher_spec(config: Any, workdir: str | None):
+    """The teacher's NetworkSpec when it is known before running (zoo name or an existing
+    checkpoint), else None."""
+    cfg = config.teacher
+    try:
+        if cfg.checkpoint:
+            path = cfg.checkpoint
+            if path.startswith("{workdir}"):
+                if workdir is None:
+                    return None
+                path = os.path.normpath(workdir + path[len("{workdir}"):])
+            if not os.path.isdir(path):
+                return None
+            return teacher_lib.teacher_network_spec(cfg.name, path)
+        return zoo.get_network_spec(cfg.name)
+    except Exception:  # pylint: disable=broad-except  # an unknown name fails in its stage
+        return None
+
+
+def _space(config: Any, space_name: str, teacher_spec) -> SearchSpace | None:
+    """The configured space (re-aligned to the teacher when teacher.align_space)."""
+    try:
+        space = get_space(space_name)
+        if config.teacher.get("align_space", False):
+            if teacher_spec is None:
+                return None
+            from dna_jax.space import align_space  # pylint: disable=import-outside-toplevel
+            space = align_space(space, teacher_spec)
+        return space
+    except Exception:  # pylint: disable=broad-except  # reported by the pipeline's own check
+        return None
+
+
+def _num_classes(config: Any) -> int | None:
+    if config.teacher.get("num_classes", 0):
+        return int(config.teacher.num_classes)
+    if config.data.source == "synthetic":
+        return int(config.data.num_classes)
+    return KNOWN_CLASSES.get(config.data.source)
+
+
+def _search(problems: _Problems, config: Any, space: SearchSpace | None, teacher_spec,
+            ssl: bool) -> None:
+    """search.*: method, counts, and the budget against the space's cheapest network."""
+    cfg = config.search
+    problems.need(cfg.top_k >= 1, "search.top_k", cfg.top_k, "must be >= 1")
+    problems.need(cfg.beam_width >= 1, "search.beam_width", cfg.beam_width, "must be >= 1")
+    problems.need(cfg.budget >= 0, "search.budget", cfg.budget,
+                  "must be >= 0 (0 = search.budget_fraction x the teacher's cost)")
+    problems.need(cfg.params_budget >= 0, "search.params_budget", cfg.params_budget,
+                  "must be >= 0 (0 = none)")
+    if not cfg.budget:
+        if ssl:
+            problems.add("search.budget", cfg.budget, "DNA++ has no teacher to take "
+                         "search.budget_fraction of: set an absolute search.budget")
+            return
+        if not cfg.budget_fraction > 0:
+            problems.add("search.budget_fraction", cfg.budget_fraction, "must be > 0 (e.g. "
+                         "0.5 = half the teacher's cost), or set an absolute search.budget")
+            return
+    num_classes = _num_classes(config)
+    if space is None or num_classes is None or cfg.cost not in costs_lib.COST_NAMES:
+        return
+    resolution = int(config.rate.cost_resolution or config.data.image_size or space.resolution)
+    ranges = space_cost_range(space, resolution, num_classes)
+    budgets = []
+    if cfg.budget:
+        budgets.append(("search.budget", cfg.budget, cfg.cost, float(cfg.budget), None))
+    elif teacher_spec is not None and not config.teacher.checkpoint:
+        teacher_resolution = int(config.teacher.train.data.image_size) or NATIVE_SIZES.get(
+            config.teacher.train.data.source, 0)
+        if teacher_resolution:
+            teacher_cost = costs_lib.network_costs(teacher_spec, teacher_resolution,
+                                                   num_classes).total.as_dict()[cfg.cost]
+            budgets.append(("search.budget_fraction", cfg.budget_fraction, cfg.cost,
+                            cfg.budget_fraction * teacher_cost, teacher_cost))
+    if cfg.params_budget:
+        budgets.append(("search.params_budget", cfg.params_budget, "params",
+                        float(cfg.params_budget), None))
+    for field, value, cost, budget, teacher_cost in budgets:
+        low, high = ranges[cost]
+        where = (f"space {space.name!r} at {resolution} px, {num_classes} classes: cheapest "
+                 f"network {low:,} {cost}, dearest {high:,}")
+        if budget < low:
+            fix = (f"raise it to at least {math.ceil(1000 * low / teacher_cost) / 1000:g} "
+                   f"(the teacher costs {teacher_cost:,} {cost})" if teacher_cost else
+                   f"raise it to at least {low:,}")
+            problems.add(field, value, f"gives a {cost} budget of {budget:,.0f}, below every "
+                         f"network of {where}; {fix}")
+        elif budget > high:
+            logging.warning("config.%s=%r: a %s budget of %s is above the dearest network of "
+                            "%s: every network fits.", field, value, cost, f"{budget:,.0f}",
+                            where)
+
+
+def device_count(config: Any) -> int:
+    """Devices of the run's mesh: mesh.num_devices, else every (global) device."""
+    return int(config.mesh.get("num_devices", 0) or jax.device_count())
+
+
+def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence[str],
+                             workdir: str | None = None, devices: int | None = None) -> None:
+    """Checks every statically checkable value of a pipeline config, all in one pass.
+
+    Args:
+      config: the pipeline config (dna_jax.pipeline.get_default_config's fields).
+      stages: the stages that will run (their sections are checked, and the search budget).
+      workdir: the run's workdir (resolves '{workdir}' teacher checkpoints), or None.
+      devices: the mesh's device count (default: `device_count(config)`).
+
+    Raises:
+      ConfigError: one or more values cannot work; every one is listed with its fix.
+    """
+    problems = _Problems()
+    for field, value in _floats(config):
+        problems.need(math.isfinite(value), field, value, "must be a finite number")
+    num_devices = config.mesh.get("num_devices", 0)
+    problems.need(num_devices >= 0, "mesh.num_devices", num_devices,
+                  "must be >= 0 (0 = every device)")
+    if num_devices > jax.device_count():
+        problems.add("mesh.num_devices", num_devices,
+                     f"only {jax.device_count()} devices exist: use at most that, or 0 (all)")
+        devices = jax.device_count()
+    devices = devices or max(1, device_count(config) if num_devices >= 0 else 1)
+    ssl = config.get("supervision", "teacher") == "ssl"
+    space_name = config.ssl.space if ssl else config.distill.space
+    teacher_spec = None if ssl else _teacher_spec(config, workdir)
+    space = _space(config, space_name, teacher_spec)
+    space_stride = total_stride(space) if space is not None else None
+    space_label = f"space {space_name!r}"
+
+    for field in ("num_batches", "batch_size"):  # rating batches (rate, ssl's sequential)
+        problems.need(config.rate[field] >= 1, f"rate.{field}", config.rate[field],
+                      "must be >= 1")
+    if "teacher" in stages and not config.teacher.checkpoint:
+        _trainer(problems, config.teacher.train, "teacher.train", devices,
+                 total_stride(teacher_spec) if teacher_spec is not None else None,
+                 f"teacher {config.teacher.name!r}")
+    if {"distill", "ssl", "rate"} & set(stages):
+        _data(problems, config.data, "data", devices, space_stride, space_label)
+    if "distill" in stages:
+        problems.call(distill_lib.check_config, config.distill, "distill")
+    if "ssl" in stages:
+        problems.call(ssl_lib.check_config, config.ssl, "ssl")
+    if "rate" in stages:
+        problems.call(rate_lib.check_config, config.rate, "rate")
+        resolution = config.rate.cost_resolution
+        problems.need(not (space_stride and 0 < resolution < space_stride),
+                      "rate.cost_resolution", resolution,
+                      f"is smaller than the total stride {space_stride} of {space_label}: "
+                      f"use at least {space_stride} (or 0 = the space's)")
+    if "search" in stages:
+        _search(problems, config, space, teacher_spec, ssl)
+    if "retrain" in stages:
+        _trainer(problems, config.retrain, "retrain", devices, space_stride,
+                 f"the searched network ({space_label})")
+    if problems.lines:
+        raise ConfigError(problems.lines)
+
+
+__all__ = ["ConfigError", "validate_pipeline_config", "space_cost_range", "total_stride",
+           "device_count"]
