@@ -9,6 +9,9 @@ seed 0, and one architecture per bin with 3 seeds; the pilot (4 of those x 2 see
 first. Recipe: the teacher's (AdamW, cosine, label smoothing 0.1, flip), native 28 px, batch
 256, EPOCHS epochs on train[:55000], tested on the whole test split, BatchNorm momentum 0.9.
 Resumable; the file in results/ is the ground truth (see dna_jax/ground_truth.py).
+Started 2026-12-06: the first network (bin 0, 1.67M multiply-adds) reached 0.8759 test accuracy
+after 2 epochs (2,555 s of training on the 2-core CPU loaded by other jobs); the pilot's seed SD
+against the spread is written to the file when its 8 runs are done.
 `:tiny` is the tests' variant (the `tiny` space, a few steps).
 """
 

@@ -70,7 +70,8 @@ SMALL_TEACHER_STAGES = [
 ]
 
 # The `fmnist28` search space's teacher, for native 28 px images: stride-2 stem (14 px), stage 1
-# at 14 px, stages 2-3 at 7 px; stage widths 24/40/64 are the space's block targets.
+# stride 2 (7 px), stages 2-3 at 7 px; stage widths 24/32/48 are the space's block targets
+# (5.5M multiply-adds; 0.9009 test accuracy after 3 epochs, configs/fmnist28_dna.py).
 FMNIST28_TEACHER_STAGES = [
     ["ds_r1_k3_s1_c16"],
     ["ir_r2_k3_s2_e6_c24"],
