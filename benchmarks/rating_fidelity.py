@@ -43,7 +43,7 @@ def main(argv):
     if len(truth) < FLAGS.min_archs:
         raise SystemExit(f"{FLAGS.ground_truth}: {len(truth)} architectures trained so far, "
                          f"fewer than --min_archs={FLAGS.min_archs}")
-    predictions = {name: values for name, values in truth.costs.items()}
+    predictions = dict(truth.costs)
     predictions["synflow"] = fidelity.synflow_scores(truth.space, truth.archs, truth.resolution)
     predictions["random"] = np.random.default_rng(0).normal(size=len(truth))
     for item in FLAGS.rate_dir:

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dna_jax import ranking_stats
+from dna_jax import ground_truth, ranking_stats
 from dna_jax.space import Arch, SearchSpace, get_space
 
 AGGREGATIONS = ("sum", "fit_blocks", "zscore", "rank")
@@ -67,11 +67,7 @@ class GroundTruth:
 
     def seed_sd(self) -> float:
         """Pooled seed-to-seed SD over architectures with >= 2 seeds (NaN if none)."""
-        groups = [list(s.values()) for s in self.seeds if len(s) >= 2]
-        if not groups:
-            return float("nan")
-        return float(np.sqrt(sum(np.var(g, ddof=1) * (len(g) - 1) for g in groups)
-                             / sum(len(g) - 1 for g in groups)))
+        return float(ground_truth.seed_noise(self.data["runs"]).get("seed_sd", float("nan")))
 
     def noise_ceiling(self, num_draws: int = 2000, seed: int = 0) -> dict[str, float]:
         """What seed noise alone costs a perfect predictor.
@@ -107,16 +103,15 @@ class GroundTruth:
 
 def load_block_tables(rate_dir: str, space: SearchSpace) -> list[dict[str, Any]]:
     """Per block: {'rows': encoding -> row, 'metrics': {name: [N]}, 'fit': summary or None}."""
-    from dna_jax import artifacts  # pylint: disable=import-outside-toplevel
+    from dna_jax import rate as rate_lib  # pylint: disable=import-outside-toplevel
     tables = []
     for block in space.blocks:
-        prefix = os.path.join(rate_dir, block.name)
-        with np.load(f"{prefix}.npz", allow_pickle=False) as data:
-            metrics = {k.removeprefix("metric_"): np.asarray(data[k], np.float64)
-                       for k in data.files if k.startswith("metric_")}
-            rows = {tuple(int(o) for o in e): i for i, e in enumerate(data["encodings"])}
-        summary = artifacts.read_json(f"{prefix}.json") if os.path.exists(f"{prefix}.json") else {}
-        tables.append({"rows": rows, "metrics": metrics, "fit": summary.get("fit_mse_var")})
+        rating = rate_lib.load_rating(os.path.join(rate_dir, block.name))
+        tables.append({"rows": {tuple(int(o) for o in e): i
+                                for i, e in enumerate(rating.encodings)},
+                       "metrics": {k: np.asarray(v, np.float64)
+                                   for k, v in rating.metrics.items()},
+                       "fit": rating.info.get("fit_mse_var")})
     return tables
 
 
@@ -147,7 +142,7 @@ def dna_predictions(tables: Sequence[Mapping[str, Any]], archs: Sequence[Arch]
                     row = table["rows"].get(tuple(arch.blocks[b]))
                     if row is None:
                         raise ValueError(f"block {b}: candidate {list(arch.blocks[b])} of "
-                                         "architecture {a} is not in the rating table")
+                                         f"architecture {a} is not in the rating table")
                     total[a] += column[row]
             out[f"dna[{metric},{aggregation}]"] = -total
     return out
@@ -158,7 +153,7 @@ def synflow_scores(space: SearchSpace, archs: Sequence[Arch], resolution: int,
     """SynFlow (Tanaka et al. 2020) of each architecture's randomly initialised child
     network: with every parameter replaced by its absolute value and BatchNorm in inference
     mode at its initial statistics, R = sum of the logits for an all-ones image, score =
-    sum over parameters of |theta * dR/dtheta| (computed in float64 logs-free, float32)."""
+    sum over parameters of |theta * dR/dtheta| (float32 gradients, summed in float64)."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 

@@ -50,7 +50,6 @@ from dna_jax import data as data_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import sharding as sharding_lib
-from dna_jax.models.childnet import build_childnet
 from dna_jax.space import Arch, SearchSpace, get_space
 
 FORMAT_VERSION = 1
@@ -130,13 +129,11 @@ def cost_stratified_sample(space: SearchSpace, cfg: Any, resolution: int,
       ValueError: a bin has fewer than `per_bin` distinct qualifying architectures (widen
         `bin_tolerance` or grow `pool_size`).
     """
+    from dna_jax import ranking  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(cfg.seed)
-    blocks = [space.sample_block(b, cfg.pool_size, rng) for b in range(len(space.blocks))]
-    flat = np.concatenate(blocks, axis=1)
-    _, first = np.unique(flat, axis=0, return_index=True)
-    first = np.sort(first)
-    block_costs = sum(costs_lib.candidate_costs(space, b, blocks[b], resolution)[cfg.cost]
-                      for b in range(len(space.blocks))).astype(np.float64)
+    blocks, first, block_costs = ranking.distinct_pool(space, cfg.pool_size, rng, resolution,
+                                                       cfg.cost)
+    block_costs = block_costs.astype(np.float64)
     fixed = costs_lib.fixed_costs(space, resolution, num_classes).as_dict()[cfg.cost]
     total = block_costs[first] + fixed
     low, high = np.quantile(total, [cfg.low_quantile, cfg.high_quantile])
@@ -237,19 +234,18 @@ def standalone_config(config: ml_collections.ConfigDict, seed: int) -> ml_collec
 def train_one(config: ml_collections.ConfigDict, space: SearchSpace, arch: Arch, index: int,
               seed: int, run_dir: str, train_data: data_lib.Dataset,
               eval_data: data_lib.Dataset, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """One stand-alone training of one architecture with one seed (resumes in `run_dir`)."""
-    cfg = standalone_config(config, seed)
-    model = build_childnet(space, arch, train_data.info.num_classes,
-                           retrain_lib.layer_config_from(cfg.model),
-                           drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
-                           name=f"arch{index}")
-    figures = retrain_lib.train_and_evaluate(cfg, run_dir, model=model, train_data=train_data,
-                                             eval_data=eval_data, mesh=mesh)
-    return {"arch": index, "seed": seed, "test_accuracy": figures["test_accuracy"],
-            "test_loss": figures["test_loss"], "train_loss": figures["train_loss"],
-            "steps": figures["steps"], "train_time_s": figures["train_time_s"],
-            "wall_time_s": figures["wall_time_s"], "commit": _git_commit(),
-            "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """One stand-alone training of one architecture with one seed: the ranking benchmark's
+    (`ranking.train_standalone`: resumes in `run_dir`, reuses its result.json), plus who and
+    where."""
+    from dna_jax import ranking  # pylint: disable=import-outside-toplevel
+    run_config = ml_collections.ConfigDict({"standalone": standalone_config(config, seed)})
+    result = ranking.train_standalone(run_config, space, arch, index, run_dir, train_data,
+                                      eval_data, mesh)
+    return {"arch": index, "seed": seed,
+            **{k: result[k] for k in ("test_accuracy", "test_loss", "train_loss", "steps",
+                                      "train_time_s", "wall_time_s")},
+            "commit": _git_commit(), "machine": machine(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _sample_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -302,6 +298,10 @@ def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
         raise ValueError(f"{out} was made by another config "
                          f"({artifacts.config_changes(data['sample']['record'], record)}; recipe "
                          f"{'same' if data['recipe'] == recipe else 'changed'}): use another --out")
+    if data is not None and [a["blocks"] for a in data["sample"]["archs"]] != [
+            [list(b) for b in s["arch"].blocks] for s in sample]:
+        raise ValueError(f"{out} holds other architectures than this code samples from the same "
+                         "record (the sampler changed?): use another --out")
     if data is None:
         num_classes = 10
         data = {"format_version": FORMAT_VERSION,

@@ -421,7 +421,7 @@ def _rating_summaries(ctx: Context, paths: Sequence[tuple[str, str]]) -> dict[st
         blocks[block.name] = {"candidates": summary["candidates"],
                               "best": summary["top_k"][0] if summary["top_k"] else None,
                               "seconds": summary["rating"].get("seconds"),
-                              "fit_mse_var": summary.get("fit_mse_var")}
+                              "fit_mse_var": summary["rating"].get("fit_mse_var")}
     return blocks
 
 
@@ -484,8 +484,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
     cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
     tables = load_tables(ctx)
-    fits = [rate_lib.load_rating_summary(ctx.stage_dir("rate"), block.name).get("fit_mse_var")
-            for block in space.blocks]
+    fits = [rate_lib.block_fit(ctx.stage_dir("rate"), block.name) for block in space.blocks]
     tables = search_lib.prepare_tables(tables, fits, cfg.get("unfit_blocks", "keep"),
                                        cfg.get("rank_normalize", False))
     teacher_figures = {} if is_ssl(ctx.config) else ctx.figures("teacher")

@@ -144,6 +144,22 @@ def architecture_costs(space: SearchSpace, arch: Arch, resolution: int,
                                    num_classes).total.as_dict()
 
 
+def distinct_pool(space: SearchSpace, pool_size: int, rng: np.random.Generator,
+                  resolution: int, cost: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """`pool_size` uniform architectures (each layer uniform over its legal ops).
+
+    Returns:
+      (per block the pool's candidates [pool_size, L], the indices of the first occurrence of
+      each distinct architecture in pool order, the searched blocks' `cost` of every pool
+      member [pool_size]; the fixed part is the same for all).
+    """
+    blocks = [space.sample_block(b, pool_size, rng) for b in range(len(space.blocks))]
+    _, first = np.unique(np.concatenate(blocks, axis=1), axis=0, return_index=True)
+    block_costs = sum(costs_lib.candidate_costs(space, b, blocks[b], resolution)[cost]
+                      for b in range(len(space.blocks)))
+    return blocks, np.sort(first), block_costs
+
+
 def stratified_sample(space: SearchSpace, num_archs: int, *, seed: int, pool_size: int,
                       resolution: int, cost: str = "dna_flops") -> list[Arch]:
     """`num_archs` distinct architectures spread over the cost range.
@@ -158,15 +174,10 @@ def stratified_sample(space: SearchSpace, num_archs: int, *, seed: int, pool_siz
     """
     rng = np.random.default_rng(seed)
     pool_size = max(pool_size, num_archs)
-    blocks = [space.sample_block(b, pool_size, rng) for b in range(len(space.blocks))]
-    flat = np.concatenate(blocks, axis=1)
-    _, first = np.unique(flat, axis=0, return_index=True)
-    first = np.sort(first)
+    blocks, first, block_costs = distinct_pool(space, pool_size, rng, resolution, cost)
     if len(first) < num_archs:
         raise ValueError(f"space {space.name!r}: {len(first)} distinct architectures in a pool "
                          f"of {pool_size}, fewer than the {num_archs} asked for")
-    block_costs = sum(costs_lib.candidate_costs(space, b, blocks[b], resolution)[cost]
-                      for b in range(len(space.blocks)))
     order = first[np.argsort(block_costs[first], kind="stable")]
     chosen = [int(part[rng.integers(len(part))]) for part in np.array_split(order, num_archs)]
     return [Arch.of(block[i] for block in blocks) for i in chosen]

@@ -134,22 +134,18 @@ def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     extra = [np.asarray(e).reshape(-1) for e in extra]
-    values: list[float] = []
 
     def resampled(index: np.ndarray) -> float:
         index = np.asarray(index, int)
-        value = statistic(truth[index], prediction[index], *(e[index] for e in extra))
-        values.append(value)
-        return 0.0 if np.isnan(value) else value
+        return statistic(truth[index], prediction[index], *(e[index] for e in extra))
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # scipy warns about NaN resamples; they are dropped below
         warnings.simplefilter("ignore")
-        stats.bootstrap((np.arange(len(truth)),), resampled, vectorized=False,
-                        n_resamples=num_resamples, method="percentile",
-                        confidence_level=confidence, random_state=np.random.default_rng(seed))
-    # scipy evaluates the statistic once on the data, then on each resample: keep the
-    # resamples, drop undefined ones, and take the percentile interval of the rest.
-    sample = np.asarray(values[-num_resamples:], np.float64)
+        result = stats.bootstrap((np.arange(len(truth)),), resampled, vectorized=False,
+                                 n_resamples=num_resamples, method="percentile",
+                                 confidence_level=confidence,
+                                 random_state=np.random.default_rng(seed))
+    sample = np.asarray(result.bootstrap_distribution, np.float64)
     sample = sample[np.isfinite(sample)]
     if not len(sample):
         return float("nan"), float("nan")

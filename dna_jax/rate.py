@@ -1217,7 +1217,6 @@ def rating_summary(rating: BlockRating, space: SearchSpace, block_index: int,
                     for name, v in rating.metrics.items()},
         "spearman_with_score": {name: _correlation(ranks[name], ranks[rating.rank_metric])
                                 for name in ranks},
-        "fit_mse_var": rating.info.get("fit_mse_var"),
         "top_k": top,
     }
 
@@ -1234,10 +1233,13 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def load_rating_summary(out_dir: str, block_name: str) -> dict:
-    """A block's JSON summary ({} if absent: e.g. tables written by an older version)."""
+def block_fit(out_dir: str, block_name: str) -> dict | None:
+    """A rated block's `fit_summary` from its JSON summary (None if absent: e.g. a table
+    written by an older version)."""
     path = os.path.join(out_dir, f"{block_name}.json")
-    return artifacts.read_json(path) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return None
+    return artifacts.read_json(path).get("rating", {}).get("fit_mse_var")
 
 
 def load_rating(path_prefix: str) -> BlockRating:

@@ -198,10 +198,8 @@ def _fake_truth(space_name="tiny"):
     rng = np.random.default_rng(0)
     encodings = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
     for i, blocks in enumerate(encodings):
-        spec = space.to_network_spec(Arch.of(blocks))
         archs.append({"index": i, "bin": i // 4, "bin_centre": 1.0, "blocks": blocks,
                       **ground_truth.arch_costs(space, Arch.of(blocks), 16, 10)})
-        del spec
         for seed in (0, 1) if i % 4 == 0 else (0,):
             runs.append({"arch": i, "seed": seed,
                          "test_accuracy": 0.5 + 0.01 * i + 0.002 * rng.normal()})
