@@ -35,7 +35,7 @@ channels, so colour jitter reduces to brightness and contrast, and grayscale is 
 
 import ml_collections
 
-from dna_jax import config_files, costs, pipeline
+from dna_jax import config_files, costs, pipeline, supervision
 from dna_jax.models.zoo import get_network_spec
 
 
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
     config = pipeline.get_default_config()
     config.supervision = "ssl"
-    config.stages = ",".join(pipeline.SSL_STAGES)
+    config.stages = ",".join(supervision.get("ssl").stages)
     config.seed = 0
 
     # Data: real Fashion-MNIST (offline idx files), 20 px, RGB; two views per path.
@@ -135,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rate.batch_size = 16
         rate.cost_resolution = 16
         rate.fast_compile = True
+        rate.recalibration_images = 128  # fixed views need that many in data.train_split
         config.search.budget = _half_macs("tiny_teacher", 16)
         retrain.data.batch_size = 16
         retrain.data.train_split = "train[:256]"

@@ -25,7 +25,7 @@ lower the batch (or num_paths) if a device runs out.
 
 import ml_collections
 
-from dna_jax import config_files, pipeline
+from dna_jax import config_files, pipeline, supervision
 
 BOSSNAS_BATCH, BOSSNAS_LR = 4096, 4.8
 
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for section in ("seed", "mesh", "distributed", "data", "rate", "search", "retrain"):
         config[section] = base[section]
     config.supervision = "ssl"
-    config.stages = ",".join(pipeline.SSL_STAGES)
+    config.stages = ",".join(supervision.get("ssl").stages)
 
     ssl = config.ssl
     ssl.space = base.distill.space

@@ -40,6 +40,9 @@ import ml_collections
 from dna_jax import artifacts
 from dna_jax import metrics as metrics_lib
 from dna_jax import pipeline
+from dna_jax import stage_context
+from dna_jax import supervision
+from dna_jax.report import fmt
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -110,9 +113,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _per_round(cfg.budget_fractions, cfg.rounds, "budget_fractions", allow_zero=True)
     for field in ("width_multipliers", "depth_multipliers"):
         _per_round(cfg[field], cfg.rounds, field)
-    if pipeline.parse_stages(config.stages) != list(pipeline.STAGES):
+    dna = supervision.get("teacher")
+    if supervision.of(config) is not dna:
+        raise ValueError(f"config.supervision={config.supervision!r}: DNA+ rounds are DNA runs "
+                         "(each round's winner teaches the next): use supervision='teacher'")
+    if pipeline.parse_stages(config.stages) != list(dna.stages):
         raise ValueError(f"config.stages={config.stages!r}: progressive mode runs every stage "
-                         f"of every round ({','.join(pipeline.STAGES)}); run a single round's "
+                         f"of every round ({','.join(dna.stages)}); run a single round's "
                          "stages with the pipeline on its round_<r> folder instead")
     pipeline.check_config(round_config(config, 1))
 
@@ -143,7 +150,7 @@ def round_config(config: ml_collections.ConfigDict, r: int) -> ml_collections.Co
         teacher = result.teacher
         teacher.name = pipeline.RETRAINED_NETWORK_NAME
         # Relative to round r's workdir, so a DNA+ workdir can be moved (the path is hashed).
-        teacher.checkpoint = os.path.join(pipeline.WORKDIR_PLACEHOLDER, os.pardir,
+        teacher.checkpoint = os.path.join(stage_context.WORKDIR_PLACEHOLDER, os.pardir,
                                           f"round_{r - 1}", "retrain",
                                           pipeline.RETRAINED_NETWORK)
         teacher.num_classes = 0
@@ -202,7 +209,7 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
     for r in range(1, cfg.rounds + 1):
         rcfg = round_config(config, r)
         if r > 1:
-            _check_previous_network(pipeline.resolve_workdir_path(
+            _check_previous_network(stage_context.resolve_workdir_path(
                 rcfg.teacher.checkpoint, round_dir(workdir, r)), r)
         logging.info("DNA+ round %d/%d -> %s", r, cfg.rounds, round_dir(workdir, r))
         figures = pipeline.run_pipeline(rcfg, round_dir(workdir, r), mesh=mesh)
@@ -216,8 +223,8 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
         logging.info("DNA+ round %d: teacher accuracy %s, winner accuracy %s (%s multiply-adds)",
                      r, row["teacher_accuracy"], row["winner_accuracy"], row["winner_macs"])
         if r < cfg.rounds and cfg.stop_early and not row["meets_margin"]:
-            stop_reason = (f"round {r}'s winner accuracy {_fmt(row['winner_accuracy'], '.4f')} "
-                           f"is below its teacher's {_fmt(row['teacher_accuracy'], '.4f')} + "
+            stop_reason = (f"round {r}'s winner accuracy {fmt(row['winner_accuracy'], '.4f')} "
+                           f"is below its teacher's {fmt(row['teacher_accuracy'], '.4f')} + "
                            f"stop_margin {cfg.stop_margin:g}; rounds {r + 1}..{cfg.rounds} "
                            "not run")
             logging.warning("DNA+ stops early: %s", stop_reason)
@@ -283,10 +290,6 @@ def plot_progress(rows: Sequence[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def _fmt(value: Any, spec: str = "") -> str:
-    return pipeline._fmt(value, spec)  # pylint: disable=protected-access
-
-
 def render_report(summary: dict[str, Any], config: ml_collections.ConfigDict,
                   workdir: str) -> str:
     """report.md of a DNA+ run: one row per round, the stopping decision, the plot."""
@@ -304,12 +307,12 @@ def render_report(summary: dict[str, Any], config: ml_collections.ConfigDict,
     ]
     for row in summary["rounds"]:
         lines.append(
-            f"| {row['round']} | {row['teacher']} | {_fmt(row['teacher_accuracy'], '.4f')} | "
-            f"{_fmt(row['winner_accuracy'], '.4f')} | {_fmt(row['improvement'], '+.4f')} | "
-            f"{_fmt(row['teacher_macs'], ',')} | {_fmt(row['searched_macs'], ',')} | "
-            f"{_fmt(row['winner_macs'], ',')} | {_fmt(row['winner_params'], ',')} | "
-            f"{_fmt(row['budget_fraction'], 'g')} | {row['width_multiplier']:g} x "
-            f"{row['depth_multiplier']:g} | {_fmt(row['wall_seconds'], '.1f')} |")
+            f"| {row['round']} | {row['teacher']} | {fmt(row['teacher_accuracy'], '.4f')} | "
+            f"{fmt(row['winner_accuracy'], '.4f')} | {fmt(row['improvement'], '+.4f')} | "
+            f"{fmt(row['teacher_macs'], ',')} | {fmt(row['searched_macs'], ',')} | "
+            f"{fmt(row['winner_macs'], ',')} | {fmt(row['winner_params'], ',')} | "
+            f"{fmt(row['budget_fraction'], 'g')} | {row['width_multiplier']:g} x "
+            f"{row['depth_multiplier']:g} | {fmt(row['wall_seconds'], '.1f')} |")
     lines += ["", ("**Stopped early**: " + summary["stop_reason"] + ".") if
               summary["stopped_early"] else "Every planned round ran.", "",
               f"![accuracy vs multiply-adds]({PLOT_FILE})", "", "## Winners", ""]

@@ -129,7 +129,7 @@ def cost_resolution(config: ml_collections.ConfigDict) -> int:
 
 
 def _dna_resolution(config: ml_collections.ConfigDict) -> int:
-    """The resolution of the costs stored in the rating tables (as pipeline._resolution)."""
+    """The resolution of the costs stored in the rating tables (as stage_context.resolution)."""
     return int(config.dna.rate.cost_resolution or config.dna.data.image_size
                or space_of(config).resolution)
 

@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 
 from dna_jax import costs as costs_lib
-from dna_jax import distill as distill_lib
 from dna_jax import rate as rate_lib
-from dna_jax import ssl as ssl_lib
-from dna_jax import teacher as teacher_lib
-from dna_jax.models import zoo
-from dna_jax.space import SearchSpace, get_space
+from dna_jax.space import SearchSpace
 
 NATIVE_SIZES = {"fashion_mnist": 28}  # data.image_size=0 means the source's native size
 KNOWN_CLASSES = {"fashion_mnist": 10}
@@ -47,7 +42,7 @@ class ConfigError(ValueError):
                          + "\n  ".join(self.problems))
 
 
-class _Problems:
+class Problems:
     """Collects `field=value: problem; fix` lines."""
 
     def __init__(self) -> None:
@@ -113,8 +108,8 @@ def _space_fixed(space: SearchSpace, resolution: int, num_classes: int) -> dict[
     return search_lib.space_fixed_costs(space, resolution, num_classes)
 
 
-def _trainer(problems: _Problems, cfg: Any, prefix: str, devices: int,
-             network_stride: int | None, network: str) -> None:
+def check_trainer(problems: Problems, cfg: Any, prefix: str, devices: int,
+                  network_stride: int | None, network: str) -> None:
     """A classifier-trainer section (teacher.train, retrain): counts, lr, batches, size."""
     p = f"{prefix}."
     problems.need(cfg.total_steps >= 0, p + "total_steps", cfg.total_steps,
@@ -139,11 +134,11 @@ def _trainer(problems: _Problems, cfg: Any, prefix: str, devices: int,
                   "must be >= 1")
     for field in ("checkpoint_every_steps", "eval_every_steps"):
         problems.need(cfg[field] >= 0, p + field, cfg[field], "must be >= 0")
-    _data(problems, cfg.data, p + "data", devices, network_stride, network)
+    check_data(problems, cfg.data, p + "data", devices, network_stride, network)
 
 
-def _data(problems: _Problems, cfg: Any, prefix: str, devices: int,
-          network_stride: int | None, network: str) -> None:
+def check_data(problems: Problems, cfg: Any, prefix: str, devices: int,
+               network_stride: int | None, network: str) -> None:
     """A data section: positive batch sizes dividing over the devices, a usable image size."""
     p = f"{prefix}."
     batch = cfg.batch_size
@@ -168,39 +163,6 @@ def _data(problems: _Problems, cfg: Any, prefix: str, devices: int,
                      f"stride {network_stride} of {network}: use at least {network_stride}")
 
 
-def _teacher_spec(config: Any, workdir: str | None):
-    """The teacher's NetworkSpec when it is known before running (zoo name or an existing
-    checkpoint), else None."""
-    cfg = config.teacher
-    try:
-        if cfg.checkpoint:
-            path = cfg.checkpoint
-            if path.startswith("{workdir}"):
-                if workdir is None:
-                    return None
-                path = os.path.normpath(workdir + path[len("{workdir}"):])
-            if not os.path.isdir(path):
-                return None
-            return teacher_lib.teacher_network_spec(cfg.name, path)
-        return zoo.get_network_spec(cfg.name)
-    except Exception:  # pylint: disable=broad-except  # an unknown name fails in its stage
-        return None
-
-
-def _space(config: Any, space_name: str, teacher_spec) -> SearchSpace | None:
-    """The configured space (re-aligned to the teacher when teacher.align_space)."""
-    try:
-        space = get_space(space_name)
-        if config.teacher.get("align_space", False):
-            if teacher_spec is None:
-                return None
-            from dna_jax.space import align_space  # pylint: disable=import-outside-toplevel
-            space = align_space(space, teacher_spec)
-        return space
-    except Exception:  # pylint: disable=broad-except  # reported by the pipeline's own check
-        return None
-
-
 def _num_classes(config: Any) -> int | None:
     if config.teacher.get("num_classes", 0):
         return int(config.teacher.num_classes)
@@ -209,8 +171,8 @@ def _num_classes(config: Any) -> int | None:
     return KNOWN_CLASSES.get(config.data.source)
 
 
-def _search(problems: _Problems, config: Any, space: SearchSpace | None, teacher_spec,
-            ssl: bool) -> None:
+def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: Any,
+            reference) -> None:
     """search.*: method, counts, and the budget against the space's cheapest network."""
     cfg = config.search
     problems.need(cfg.top_k >= 1, "search.top_k", cfg.top_k, "must be >= 1")
@@ -220,8 +182,8 @@ def _search(problems: _Problems, config: Any, space: SearchSpace | None, teacher
     problems.need(cfg.params_budget >= 0, "search.params_budget", cfg.params_budget,
                   "must be >= 0 (0 = none)")
     if not cfg.budget:
-        if ssl:
-            problems.add("search.budget", cfg.budget, "DNA++ has no teacher to take "
+        if not kind.has_reference:
+            problems.add("search.budget", cfg.budget, f"{kind.label} has no teacher to take "
                          "search.budget_fraction of: set an absolute search.budget")
             return
         if not cfg.budget_fraction > 0:
@@ -236,12 +198,9 @@ def _search(problems: _Problems, config: Any, space: SearchSpace | None, teacher
     budgets = []
     if cfg.budget:
         budgets.append(("search.budget", cfg.budget, cfg.cost, float(cfg.budget), None))
-    elif teacher_spec is not None and not config.teacher.checkpoint:
-        teacher_resolution = int(config.teacher.train.data.image_size) or NATIVE_SIZES.get(
-            config.teacher.train.data.source, 0)
-        if teacher_resolution:
-            teacher_cost = costs_lib.network_costs(teacher_spec, teacher_resolution,
-                                                   num_classes).total.as_dict()[cfg.cost]
+    else:
+        teacher_cost = kind.reference_static_cost(config, reference, num_classes, cfg.cost)
+        if teacher_cost:
             budgets.append(("search.budget_fraction", cfg.budget_fraction, cfg.cost,
                             cfg.budget_fraction * teacher_cost, teacher_cost))
     if cfg.params_budget:
@@ -269,19 +228,22 @@ def device_count(config: Any) -> int:
 
 
 def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence[str],
-                             workdir: str | None = None, devices: int | None = None) -> None:
+                             kind: Any, workdir: str | None = None,
+                             devices: int | None = None) -> None:
     """Checks every statically checkable value of a pipeline config, all in one pass.
 
     Args:
       config: the pipeline config (dna_jax.pipeline.get_default_config's fields).
       stages: the stages that will run (their sections are checked, and the search budget).
+      kind: the config's supervision kind (dna_jax.supervision): checks its own sections and
+        says which network a budget fraction is taken of.
       workdir: the run's workdir (resolves '{workdir}' teacher checkpoints), or None.
       devices: the mesh's device count (default: `device_count(config)`).
 
     Raises:
       ConfigError: one or more values cannot work; every one is listed with its fix.
     """
-    problems = _Problems()
+    problems = Problems()
     for field, value in _floats(config):
         problems.need(math.isfinite(value), field, value, "must be a finite number")
     num_devices = config.mesh.get("num_devices", 0)
@@ -292,26 +254,18 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
                      f"only {jax.device_count()} devices exist: use at most that, or 0 (all)")
         devices = jax.device_count()
     devices = devices or max(1, device_count(config) if num_devices >= 0 else 1)
-    ssl = config.get("supervision", "teacher") == "ssl"
-    space_name = config.ssl.space if ssl else config.distill.space
-    teacher_spec = None if ssl else _teacher_spec(config, workdir)
-    space = _space(config, space_name, teacher_spec)
+    space_name = kind.space_name(config)
+    reference = kind.reference_spec(config, workdir)
+    space = kind.static_space(config, reference)
     space_stride = total_stride(space) if space is not None else None
     space_label = f"space {space_name!r}"
 
     for field in ("num_batches", "batch_size"):  # rating batches (rate, ssl's sequential)
         problems.need(config.rate[field] >= 1, f"rate.{field}", config.rate[field],
                       "must be >= 1")
-    if "teacher" in stages and not config.teacher.checkpoint:
-        _trainer(problems, config.teacher.train, "teacher.train", devices,
-                 total_stride(teacher_spec) if teacher_spec is not None else None,
-                 f"teacher {config.teacher.name!r}")
-    if {"distill", "ssl", "rate"} & set(stages):
-        _data(problems, config.data, "data", devices, space_stride, space_label)
-    if "distill" in stages:
-        problems.call(distill_lib.check_config, config.distill, "distill")
-    if "ssl" in stages:
-        problems.call(ssl_lib.check_config, config.ssl, "ssl")
+    if {"rate", *kind.data_stages} & set(stages):
+        check_data(problems, config.data, "data", devices, space_stride, space_label)
+    kind.validate(problems, config, stages, devices, workdir)
     if "rate" in stages:
         problems.call(rate_lib.check_config, config.rate, "rate")
         resolution = config.rate.cost_resolution
@@ -320,13 +274,13 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
                       f"is smaller than the total stride {space_stride} of {space_label}: "
                       f"use at least {space_stride} (or 0 = the space's)")
     if "search" in stages:
-        _search(problems, config, space, teacher_spec, ssl)
+        _search(problems, config, space, kind, reference)
     if "retrain" in stages:
-        _trainer(problems, config.retrain, "retrain", devices, space_stride,
-                 f"the searched network ({space_label})")
+        check_trainer(problems, config.retrain, "retrain", devices, space_stride,
+                      f"the searched network ({space_label})")
     if problems.lines:
         raise ConfigError(problems.lines)
 
 
-__all__ = ["ConfigError", "validate_pipeline_config", "space_cost_range", "total_stride",
-           "device_count"]
+__all__ = ["ConfigError", "Problems", "check_trainer", "check_data", "validate_pipeline_config",
+           "space_cost_range", "total_stride", "device_count"]

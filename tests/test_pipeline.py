@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dna_jax import artifacts, config_files, pipeline
+from dna_jax import artifacts, config_files, pipeline, supervision
 from dna_jax import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,19 +37,19 @@ def finished(tmp_path_factory):
 
 def test_every_stage_writes_its_artifact_and_the_report(finished):
     workdir, figures = finished
-    assert figures["stages"] == {s: "ran" for s in pipeline.STAGES}
+    assert figures["stages"] == {s: "ran" for s in supervision.get("teacher").stages}
     for key in ("teacher_accuracy", "winner_accuracy"):
         assert 0.0 <= figures[key] <= 1.0
     assert figures["teacher_macs"] > 0 and figures["winner_macs"] > 0
     # The winner respects the budget: half the teacher's multiply-adds.
     assert figures["winner_macs"] <= 0.5 * figures["teacher_macs"]
     assert figures["wall_seconds"] > 0
-    for stage in pipeline.STAGES:
+    for stage in supervision.get("teacher").stages:
         manifest = artifacts.read_manifest(os.path.join(workdir, stage))
         assert manifest["stage"] == stage and manifest["wall_seconds"] >= 0
     summary = json.load(open(os.path.join(workdir, pipeline.SUMMARY_FILE)))
     assert summary["winner_macs"] == figures["winner_macs"]
-    assert set(summary["stage_wall_seconds"]) == set(pipeline.STAGES) - {"report"}
+    assert set(summary["stage_wall_seconds"]) == set(supervision.get("teacher").stages) - {"report"}
     report = open(os.path.join(workdir, pipeline.REPORT_FILE)).read()
     assert "Chosen architecture" in report and "ir_r1" in report
     assert os.path.exists(os.path.join(workdir, "report", "pareto_front.png"))
@@ -69,7 +69,7 @@ def test_every_stage_writes_its_artifact_and_the_report(finished):
 def test_rerun_skips_complete_stages(finished):
     workdir, figures = finished
     again = pipeline.run_pipeline(tiny_config(), workdir)
-    assert again["stages"] == {s: "skipped" for s in pipeline.STAGES}
+    assert again["stages"] == {s: "skipped" for s in supervision.get("teacher").stages}
     assert again["winner_accuracy"] == figures["winner_accuracy"]
     assert again["wall_seconds"] < figures["wall_seconds"]
 

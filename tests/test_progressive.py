@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dna_jax import artifacts, config_files, pipeline, progressive
+from dna_jax import (artifacts, config_files, pipeline, progressive, stage_context, stages,
+                     supervision)
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import zoo
 from dna_jax.models.efficientnet import EfficientNet
@@ -56,8 +57,8 @@ def test_two_rounds_write_every_artifact_and_the_summary(finished):
     assert figures["stop_reason"] is None
     for r, row in enumerate(figures["rounds"], start=1):
         assert row["round"] == r
-        assert row["stages"] == {s: "ran" for s in pipeline.STAGES}
-        for stage in pipeline.STAGES:
+        assert row["stages"] == {s: "ran" for s in supervision.get("teacher").stages}
+        for stage in supervision.get("teacher").stages:
             assert _manifest(workdir, r, stage)["stage"] == stage
         for key in ("teacher_accuracy", "winner_accuracy"):
             assert 0.0 <= row[key] <= 1.0
@@ -143,7 +144,7 @@ def test_main_prints_per_round_accuracies(finished):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["round_accuracies"] == figures["round_accuracies"]
     assert [row["stages"] for row in last["rounds"]] == [
-        {s: "skipped" for s in pipeline.STAGES}] * 2
+        {s: "skipped" for s in supervision.get("teacher").stages}] * 2
 
 
 class _Killed(Exception):
@@ -174,7 +175,7 @@ def test_killed_in_round2_resumes_in_round2(finished, tmp_path, monkeypatch):
 
     resumed = progressive.run_progressive(plus_config(), killed)
     one, two = resumed["rounds"]
-    assert one["stages"] == {s: "skipped" for s in pipeline.STAGES}
+    assert one["stages"] == {s: "skipped" for s in supervision.get("teacher").stages}
     assert two["stages"] == {"teacher": "skipped", "distill": "skipped", "rate": "skipped",
                              "search": "skipped", "retrain": "ran", "report": "ran"}
     # The same figures as the uninterrupted run.
@@ -234,7 +235,7 @@ def test_round_configs():
         config_files.load_config(os.path.join(REPO, "configs", "fashion_mnist_dna.py")))
     two = progressive.round_config(config, 2)
     assert two.teacher.checkpoint == "{workdir}/../round_1/retrain/network"
-    assert pipeline.resolve_workdir_path(two.teacher.checkpoint, "/w/round_2") == (
+    assert stage_context.resolve_workdir_path(two.teacher.checkpoint, "/w/round_2") == (
         "/w/round_1/retrain/network")
     assert two.teacher.align_space and two.search.budget_fraction == 1.0
     # Round 2's hashes follow round 1's: a changed round-1 retrain invalidates round 2.
@@ -249,7 +250,7 @@ def test_round_configs():
 def _scaled_small_child():
     space = get_space("small")
     arch = space.sample(np.random.default_rng(0))
-    return pipeline.scale_network_spec(space.to_network_spec(arch), 1.4, 1.2)
+    return stages.scale_network_spec(space.to_network_spec(arch), 1.4, 1.2)
 
 
 def test_align_reproduces_the_presets():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dna_jax import config_files, data as data_lib
+from dna_jax import supervision
 from dna_jax import distill, pipeline, rate, search, sharding, ssl
 from dna_jax.data import views
 from dna_jax.netspec import LayerSpec
@@ -198,11 +199,11 @@ def test_two_view_batches_from_tfds_mock_cifar10():
 def test_pipeline_checks_dna_pp_configs(tmp_path):
     config = config_files.load_config(
         os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"), "tiny")
-    assert pipeline.parse_stages(config.stages) == list(pipeline.SSL_STAGES)
+    assert pipeline.parse_stages(config.stages) == list(supervision.get("ssl").stages)
     digests = pipeline.stage_digests(config)
     changed = ml_collections.ConfigDict(config.to_dict())
     changed.ssl.num_paths = 3  # the ssl config reaches every later stage's hash
-    assert all(pipeline.stage_digests(changed)[s] != digests[s] for s in pipeline.SSL_STAGES)
+    assert all(pipeline.stage_digests(changed)[s] != digests[s] for s in supervision.get("ssl").stages)
     for field, value, match in [("stages", "teacher,ssl,rate", "supervision"),
                                 ("supervision", "self", "config.supervision"),
                                 ("ssl.schedule", "parallel", "ssl.schedule")]:
@@ -342,7 +343,7 @@ def test_dna_pp_pipeline_end_to_end(tmp_path):
     config = config_files.load_config(
         os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py"), "tiny")
     figures = pipeline.run_pipeline(config, str(tmp_path))
-    assert figures["stages"] == {s: "ran" for s in pipeline.SSL_STAGES}
+    assert figures["stages"] == {s: "ran" for s in supervision.get("ssl").stages}
     assert not os.path.exists(tmp_path / "teacher") and not os.path.exists(tmp_path / "distill")
     assert 0.0 <= figures["winner_accuracy"] <= 1.0 and figures["winner_macs"] > 0
     assert figures["supervision"] == "ssl" and len(figures["ssl_loss_final"]) == 2
@@ -350,4 +351,4 @@ def test_dna_pp_pipeline_end_to_end(tmp_path):
                                       resolution=16)
     assert [len(t.score) for t in tables] == [2, 4]
     again = pipeline.run_pipeline(config, str(tmp_path))
-    assert again["stages"] == {s: "skipped" for s in pipeline.SSL_STAGES}
+    assert again["stages"] == {s: "skipped" for s in supervision.get("ssl").stages}

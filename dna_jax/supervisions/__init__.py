@@ -1,0 +1,1 @@
+"""The built-in supervision kinds (see dna_jax.supervision): `dna` (teacher) and `dna_pp` (ssl)."""
