@@ -5,7 +5,8 @@ r"""DNA on ImageNet: the paper's setup (EfficientNet-B7 teacher, MBConv space, a
 
 Variants (`:arg`): `gpu1` (one GPU, batch 64), `gpu8` (default; 8 GPUs, batch 8 x 64 = 512, as
 the authors), `tpu_v4_32` (a v4-32 pod: 16 chips, 4 hosts, batch 1024, bfloat16 teacher, workdir
-and TFDS data on GCS; start it with launch/tpu.sh). Add `,space=released` for the released
+and TFDS data on GCS: the data dir is $TFDS_DATA_DIR, which launch/tpu.sh sets; start it
+with launch/tpu.sh). Add `,space=released` for the released
 code's [2,4,4,4,4,1] space instead of the paper's depth-searched one.
 
 Before: build the TFDS copy of imagenet2012 (`tfds build imagenet2012 --manual_dir=...`) and
@@ -18,6 +19,7 @@ winner_macs and wall_seconds.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from dna_jax import pipeline
 
@@ -25,7 +27,8 @@ _VARIANTS = {
     # name: (global batch, mesh shape, teacher dtype, data dir)
     "gpu1": (64, (-1,), "float32", ""),
     "gpu8": (512, (-1,), "float32", ""),
-    "tpu_v4_32": (1024, (-1,), "bfloat16", "gs://BUCKET/tensorflow_datasets"),
+    # '' = $TFDS_DATA_DIR (launch/tpu.sh sets it to gs://BUCKET/tensorflow_datasets)
+    "tpu_v4_32": (1024, (-1,), "bfloat16", ""),
 }
 
 
@@ -65,9 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.eval_split = "validation"
     data.shuffle_buffer = 16_384
 
-    # The teacher: converted timm tf_efficientnet_b7 weights (set teacher.checkpoint).
+    # The teacher: converted timm tf_efficientnet_b7 weights. Required: a run without
+    # --config.teacher.checkpoint=DIR (local or gs://) stops at start naming the field.
     config.teacher.name = "tf_efficientnet_b7"
-    config.teacher.checkpoint = "/path/to/converted/tf_efficientnet_b7"
+    config.teacher.checkpoint = config_dict.placeholder(str)
     config.teacher.num_classes = 1000
 
     # Distillation: the authors' recipe (Adam, wd 1e-4, per-block lr, x0.9 per epoch, 20 epochs).

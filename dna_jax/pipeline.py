@@ -33,6 +33,7 @@ from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
 from dna_jax import metrics as metrics_lib
+from dna_jax import multihost
 from dna_jax import rate as rate_lib
 from dna_jax import report as report_lib
 from dna_jax import retrain as retrain_lib
@@ -48,6 +49,7 @@ ON_CHANGE = ("error", "rerun", "resume")
 SUMMARY_FILE = report_lib.SUMMARY_FILE
 REPORT_FILE = report_lib.REPORT_FILE
 STARTED_FILE = "started.json"
+STATUSES = ("missing", "complete", "changed")  # artifacts.stage_status
 COMPILATION_CACHE_BYTES = 8 << 30
 RETRAINED_NETWORK = stages_lib.RETRAINED_NETWORK
 RETRAINED_NETWORK_NAME = stages_lib.RETRAINED_NETWORK_NAME
@@ -252,6 +254,7 @@ def _changed(ctx: Context, stage: str, old_config: Any, what: str) -> None:
             moved = _move_aside(stage_dir)
             logging.warning("%s: %s was made by another config (%s); moved to %s and rerun.",
                             stage, what, detail, moved)
+        multihost.barrier(f"{stage}: moved aside")
         return
     raise artifacts.ConfigChangedError(
         f"stage {stage!r}: {stage_dir} holds {what} made by another config ({detail}). Use "
@@ -276,7 +279,8 @@ def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:
 def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     """Runs one stage unless complete; returns (figures, 'ran' | 'skipped')."""
     stage_dir, digest = ctx.stage_dir(stage), ctx.digests[stage]
-    status = artifacts.stage_status(stage_dir, digest)
+    # Process 0 decides from the files and every host follows (dna_jax.multihost).
+    status = multihost.agree(artifacts.stage_status(stage_dir, digest), STATUSES)
     if status == "complete":
         logging.info("stage %s: complete for this config, skipped (%s)", stage, stage_dir)
         return ctx.figures(stage), "skipped"
@@ -286,6 +290,7 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
         _changed(ctx, stage, artifacts.read_manifest(stage_dir).get("config", {}),
                  "an artifact")
     _check_started(ctx, stage)
+    multihost.barrier(f"{stage}: started.json read")
     if is_main_process():
         artifacts.write_json(os.path.join(stage_dir, STARTED_FILE),
                              {"stage": stage, "config_hash": digest,
@@ -294,9 +299,11 @@ def run_stage(ctx: Context, stage: str) -> tuple[dict[str, Any], str]:
     watch = metrics_lib.Stopwatch()
     figures = runner(ctx, stage)(ctx)
     wall = watch.elapsed()
+    multihost.barrier(f"{stage}: artifacts written")
     if is_main_process():
         artifacts.write_manifest(stage_dir, stage, digest, stage_config(ctx.config, stage),
                                  figures, wall)
+    multihost.barrier(f"{stage}: manifest written")
     logging.info("stage %s: done in %.1f s", stage, wall)
     return figures, "ran"
 

@@ -90,12 +90,19 @@ def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",
 
 def mesh_from_config(config: Any, devices: Sequence[Any] | None = None) -> Mesh:
     """make_mesh from a `mesh` ConfigDict (shape, axis_names, axis_types and, optionally,
-    num_devices > 0: use only the first that many devices)."""
+    num_devices > 0: use only that many devices, the same number from every process, so
+    that no host is left without a device to feed)."""
     count = config.get("num_devices", 0)
     if devices is None and count:
         if count > jax.device_count():
             raise ValueError(f"mesh.num_devices={count} but only {jax.device_count()} devices")
-        devices = jax.devices()[:count]
+        processes = jax.process_count()
+        if count % processes:
+            raise ValueError(f"mesh.num_devices={count} does not split over the {processes} "
+                             f"processes: use a multiple of {processes}, or 0 (all)")
+        per_process = count // processes
+        devices = [d for p in range(processes)
+                   for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
     return make_mesh(tuple(config.shape), tuple(config.axis_names), config.axis_types, devices)
 
 

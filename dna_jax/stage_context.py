@@ -18,6 +18,7 @@ import ml_collections
 
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
+from dna_jax import multihost
 from dna_jax.space import SearchSpace
 
 if TYPE_CHECKING:  # the registry imports the kinds, which import this module
@@ -58,8 +59,9 @@ class Context:
 
 
 def is_main_process() -> bool:
-    """Process 0 writes the small files (manifests, JSON, plots); Orbax saves run on all."""
-    return jax.process_index() == 0
+    """Process 0 writes the small files (manifests, JSON, plots); Orbax saves run on all
+    (dna_jax.multihost)."""
+    return multihost.is_writer()
 
 
 def resolve_workdir_path(path: str, workdir: str) -> str:

@@ -75,6 +75,15 @@ def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, node
 
 
+def required_fields(node: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields a config leaves unset: `config_dict.placeholder` fields
+    still None (no default config holds a None), e.g. a bucket path only the user knows."""
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+        return [name for key, value in node.items()
+                for name in required_fields(value, f"{prefix}.{key}" if prefix else str(key))]
+    return [prefix] if node is None else []
+
+
 def total_stride(spec_or_space: Any) -> int:
     """Stem stride x every layer's stride: a network's input-to-head downsampling."""
     if isinstance(spec_or_space, SearchSpace):
@@ -244,6 +253,8 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
       ConfigError: one or more values cannot work; every one is listed with its fix.
     """
     problems = Problems()
+    for field in required_fields(config):
+        problems.add(field, None, f"is required and has no default: pass --config.{field}=...")
     for field, value in _floats(config):
         problems.need(math.isfinite(value), field, value, "must be a finite number")
     num_devices = config.mesh.get("num_devices", 0)
@@ -253,6 +264,10 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
         problems.add("mesh.num_devices", num_devices,
                      f"only {jax.device_count()} devices exist: use at most that, or 0 (all)")
         devices = jax.device_count()
+    elif num_devices > 0 and num_devices % jax.process_count():
+        problems.add("mesh.num_devices", num_devices, f"does not split over the "
+                     f"{jax.process_count()} processes (every host feeds its devices): use a "
+                     f"multiple of {jax.process_count()}, or 0 (all)")
     devices = devices or max(1, device_count(config) if num_devices >= 0 else 1)
     space_name = kind.space_name(config)
     reference = kind.reference_spec(config, workdir)
@@ -283,4 +298,4 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
 
 
 __all__ = ["ConfigError", "Problems", "check_trainer", "check_data", "validate_pipeline_config",
-           "space_cost_range", "total_stride", "device_count"]
+           "required_fields", "space_cost_range", "total_stride", "device_count"]

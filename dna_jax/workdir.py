@@ -27,8 +27,7 @@ import socket
 import sys
 from typing import Any, Iterator
 
-import jax
-import numpy as np
+from dna_jax import multihost
 
 LOCK_FILE = "lock.json"
 _SKIP_DIRS = ("compilation_cache",)
@@ -126,14 +125,6 @@ class WorkdirLock:
         self.release()
 
 
-def _agree(ok: bool) -> bool:
-    """Process 0's outcome, on every process (multi-process runs)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[WorkdirLock | None]:
     """Holds the workdir for a run (process 0 takes it; every process waits for the outcome).
@@ -142,12 +133,12 @@ def workdir_lock(workdir: str) -> Iterator[WorkdirLock | None]:
       WorkdirLockedError: another run holds the workdir (host, pid, start time named).
     """
     lock, error = None, None
-    if jax.process_index() == 0:
+    if multihost.is_writer():
         try:
             lock = WorkdirLock(workdir).acquire()
         except WorkdirLockedError as e:
             error = e
-    if not _agree(error is None):
+    if not multihost.agree(error is None, (False, True)):
         if lock is not None:
             lock.release()
         raise error or WorkdirLockedError(
@@ -168,10 +159,8 @@ def clean_temporaries(workdir: str) -> list[str]:
     """Removes interrupted writes' leftovers under `workdir` (see the module docstring);
     returns the removed paths. Every process calls it, holding the workdir lock: process 0
     cleans while the others wait, so none starts writing a temporary that is then removed."""
-    removed = _remove_temporaries(workdir) if jax.process_index() == 0 else []
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        multihost_utils.sync_global_devices("dna_jax workdir cleaned")
+    removed = _remove_temporaries(workdir) if multihost.is_writer() else []
+    multihost.barrier("workdir cleaned")
     return removed
 
 

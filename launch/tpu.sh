@@ -14,7 +14,7 @@ Commands
   install   copy the repository to every worker, make a venv, pip install -e . plus jax[tpu]
   run       start `python -m dna_jax.main` on every worker (detached, DNA_JAX_DISTRIBUTED=1),
             then follow worker 0's log (FOLLOW=0: do not follow). MAIN_ARGS after `--` are
-            added to the command line, e.g. -- --config.total_steps=1000
+            added to the command line, e.g. -- --config.distill.num_epochs=1
   logs      follow the log of worker LOG_WORKER (default 0; `all` for every worker)
   status    the TPU's state and the job's state on every worker
   wait      block until the job has ended on every worker; fail if it failed anywhere

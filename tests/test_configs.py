@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dna_jax import config_files, ground_truth, pipeline, progressive, ranking
+from dna_jax import config_files, ground_truth, pipeline, progressive, ranking, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -45,6 +45,12 @@ def test_config_loads_locked_and_valid(name, arg):
     assert config.is_locked
     with pytest.raises((KeyError, AttributeError)):
         config.no_such_field = 1  # a misspelt override fails loudly
+    for field in validate.required_fields(config):  # as the user gives them (--config.x=...)
+        section, _, key = field.rpartition(".")
+        node = config
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        node[key] = "/given/by/the/user"
     if "stages" in config:
         pipeline.check_config(config)
         pipeline.stage_digests(config)
@@ -62,6 +68,16 @@ def test_config_loads_locked_and_valid(name, arg):
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command
+
+
+def test_a_required_field_left_unset_is_named_before_any_work():
+    config = _load(os.path.join(REPO, "configs", "imagenet_dna.py")).get_config("tpu_v4_32")
+    assert validate.required_fields(config) == ["teacher.checkpoint"]
+    assert config.data.data_dir == ""  # $TFDS_DATA_DIR (set by launch/tpu.sh) is honoured
+    with pytest.raises(validate.ConfigError, match=r"config.teacher.checkpoint=None: is "
+                                                   r"required and has no default: pass "
+                                                   r"--config.teacher.checkpoint=\.\.\."):
+        pipeline.check_config(config)
 
 
 def test_unknown_variant_is_an_error():

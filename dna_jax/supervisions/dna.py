@@ -149,10 +149,16 @@ def load_supernet(ctx: Context) -> dict[str, Any]:
 # ---- stage: rate -------------------------------------------------------------------------------
 
 
+# The rating's images are the same global arrays on every host (each reads them as process 0
+# of 1), so the replicated teacher and candidates see one batch set on a pod.
+EVERY_HOST_READS_ALL = dict(process_index=0, process_count=1)
+
+
 def recalibration_images(data_cfg: Any, split: str, count: int, seed: int) -> np.ndarray:
     """The first `count` images of the training stream [count, H, W, C] (augmented as in
     training, seeded); `count` 0 = one training batch (the original's recalibration batch)."""
-    train = data_lib.make_dataset(data_cfg, split, training=True, seed=seed)
+    train = data_lib.make_dataset(data_cfg, split, training=True, seed=seed,
+                                  **EVERY_HOST_READS_ALL)
     images, total = [], 0
     for batch in train.host_batches(0):
         images.append(batch["image"])
@@ -167,12 +173,13 @@ def rating_images(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
     The rating batches are the first R (whole) batches of the held-out split; the
     recalibration images the first `rate.recalibration_images` of the training stream (the
-    original: its first batch).
+    original: its first batch). Identical on every host (EVERY_HOST_READS_ALL).
     """
     cfg = ctx.config
     rate_data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
     rate_data_cfg.eval_batch_size = cfg.rate.batch_size
-    rate_data = data_lib.make_dataset(rate_data_cfg, cfg.rate.split, training=False)
+    rate_data = data_lib.make_dataset(rate_data_cfg, cfg.rate.split, training=False,
+                                      **EVERY_HOST_READS_ALL)
     batches = []
     for batch in rate_data.host_batches():
         if len(batches) == cfg.rate.num_batches:
