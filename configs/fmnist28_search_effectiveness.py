@@ -1,8 +1,7 @@
-r"""Search effectiveness on fmnist28: the DNA winner vs the largest net vs random nets.
+r"""python -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py --workdir workdir/fmnist28_search_effectiveness --out results/fmnist28_search_effectiveness.json --commit
 
-    python -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py --workdir workdir/fmnist28_search_effectiveness --out results/fmnist28_search_effectiveness.json --commit
-
-Issue 19, item 6 (see dna_jax/search_effectiveness.py). Two budgets, 2.8M and 4.8M
+Search effectiveness on fmnist28 (issue 19, item 6; see dna_jax/search_effectiveness.py): the
+DNA winner vs the largest net vs random nets of near-equal cost. Two budgets, 2.8M and 4.8M
 multiply-adds (near two of the ground truth's bin centres, 2.81M and 4.82M, so ground-truth
 nets of that size exist for reference). At each: the exact search's winner on the DNA rating
 tables in results/fmnist28_ratings/dna (from configs/fmnist28_dna.py; the search settings
@@ -11,7 +10,9 @@ net under the budget (exact over the 25.4M architectures; ties drawn with seed 0
 random nets within 10% below the budget (from a 200,000-architecture uniform pool, seed 0),
 each trained stand-alone with seeds 0 and 1 and the ground truth's recipe (the `standalone`
 section of configs/fmnist28_ground_truth.py: 2 epochs, ~40 min a run on the loaded 2-core CPU,
-so the 20 runs take about 14 hours: resumable, commit the file as it grows).
+so the 20 runs take about 14 hours: resumable, commit the file as it grows). Add
+`--config.tables.variants=recal128=results/fmnist28_ratings/recal128` for the winner of the
+128-image-recalibration tables as one more contender (a new --out: it is another config).
 `--plan_only` prints the selection and trains nothing.
 Measured: not yet measured.
 `:tiny` is the tests' variant (the `tiny` space, a few steps; the test sets tables.rate_dir to
