@@ -248,6 +248,31 @@ def train_one(config: ml_collections.ConfigDict, space: SearchSpace, arch: Arch,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+class RunData:
+    """The datasets of stand-alone runs, made on first use (a process that trains nothing
+    reads no data): the eval split once, and the training stream per seed, because the data
+    order follows the run's seed too (seed 0's stream is kept; another seed's is made for its
+    run)."""
+
+    def __init__(self, standalone: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.cfg, self.mesh = standalone, mesh
+        self._train0 = self._eval = None
+
+    def _make(self, split: str, training: bool, seed: int) -> data_lib.Dataset:
+        return data_lib.make_dataset(self.cfg.data, split, training=training, mesh=self.mesh,
+                                     seed=seed)
+
+    def eval(self) -> data_lib.Dataset:
+        if self._eval is None:
+            self._train0 = self._make(self.cfg.data.train_split, True, 0)
+            self._eval = self._make(self.cfg.data.eval_split, False, 0)
+        return self._eval
+
+    def train(self, seed: int) -> data_lib.Dataset:
+        self.eval()
+        return self._train0 if seed == 0 else self._make(self.cfg.data.train_split, True, seed)
+
+
 def _sample_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"space": config.space, "resolution": config.resolution,
             **config.sample.to_dict(), **config.seeds.to_dict()}
@@ -319,30 +344,20 @@ def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
     done = {(r["arch"], r["seed"]) for r in data["runs"]}
     pilot_items = order[:2 * config.seeds.pilot_archs]
     mesh = sharding_lib.mesh_from_config(config.standalone.mesh)
-    cfg = config.standalone
-    train_data = eval_data = None
+    run_data = RunData(config.standalone, mesh)
     trained = 0
     for index, seed in order:
         if (index, seed) in done:
             continue
         if max_runs and trained >= max_runs:
             break
-        if train_data is None:
-            train_data = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True,
-                                               mesh=mesh, seed=0)
-            eval_data = data_lib.make_dataset(cfg.data, cfg.data.eval_split, training=False,
-                                              mesh=mesh, seed=0)
         arch = sample[index]["arch"]
         logging.info("ground truth: architecture %d (bin %d) seed %d: %s", index,
                      sample[index]["bin"], seed, arch)
-        if seed != 0:  # the data order follows the run's seed too
-            run_train = data_lib.make_dataset(cfg.data, cfg.data.train_split, training=True,
-                                              mesh=mesh, seed=seed)
-        else:
-            run_train = train_data
+        eval_data = run_data.eval()
         result = train_one(config, space, arch, index, seed,
                            os.path.join(workdir, "runs", f"arch{index:03d}_s{seed}"),
-                           run_train, eval_data, mesh)
+                           run_data.train(seed), eval_data, mesh)
         data["runs"].append(result)
         done.add((index, seed))
         trained += 1

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from dna_jax import config_files, ground_truth, pipeline, progressive, ranking, validate
+from dna_jax import (config_files, ground_truth, pipeline, progressive, ranking,
+                     search_effectiveness, validate)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -23,6 +24,7 @@ VARIANTS = {
     "imagenet_ranking.py": [None, "gpu1", "tpu_v4_32,space=released"],
     "fmnist28_dna.py": [None, "tiny"],
     "fmnist28_ground_truth.py": [None, "tiny"],
+    "fmnist28_search_effectiveness.py": [None, "tiny"],
 }
 
 
@@ -65,6 +67,8 @@ def test_config_loads_locked_and_valid(name, arg):
         pipeline.stage_digests(config.dna)
     if "standalone" in config and "seeds" in config:
         ground_truth.check_config(config)
+    if "standalone" in config and "contenders" in config:
+        search_effectiveness.check_config(config)
     doc = module.__doc__.strip().splitlines()
     command = next(line for line in doc if line.strip())
     assert "python -m dna_jax" in module.__doc__ and name in module.__doc__, command

@@ -1,0 +1,221 @@
+"""Search effectiveness (issue 19, item 6): the selection rules, the statistics, and a tiny
+end-to-end run that resumes and refuses a file made by another config or other tables."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from dna_jax import artifacts, config_files, ground_truth, search
+from dna_jax import search_effectiveness as se
+from dna_jax.space import Arch, get_space
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fmnist28_search_effectiveness.py")
+
+
+def _tiny_tables(folder, seed=0):
+    """Random rating tables of every candidate of the `tiny` space."""
+    space = get_space("tiny")
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for b, block in enumerate(space.blocks):
+        enc = space.block_candidates(b)
+        search.save_block_table(os.path.join(folder, f"{block.name}.npz"),
+                                search.BlockTable(enc, rng.uniform(0.1, 1.0, len(enc)), {}))
+    return str(folder)
+
+
+def _tiny_config(tables, **overrides):
+    return config_files.load_config(CONFIG, "tiny", **{"tables.rate_dir": tables, **overrides})
+
+
+def _all_archs(space):
+    return [Arch.of(a) for a in itertools.product(
+        *[space.block_candidates(b) for b in range(len(space.blocks))])]
+
+
+def test_real_config_meets_the_issue_and_selects_from_the_committed_tables():
+    config = config_files.load_config(CONFIG)
+    assert len(config.budgets) >= 2 and config.num_seeds >= 2
+    assert config.contenders.num_random >= 3
+    gt = config_files.load_config(os.path.join(REPO, "configs", "fmnist28_ground_truth.py"))
+    assert config.standalone.to_dict() == gt.standalone.to_dict()  # the same recipe
+    planned = se.plan(config)
+    for budget in planned["budgets"]:
+        picks = [planned["contenders"][i] for i in budget["picks"].values()]
+        assert len({str(c["block_strings"]) for c in picks}) == len(picks)
+        assert all(c["macs"] <= budget["budget"] for c in picks)
+        assert planned["contenders"][budget["picks"]["size"]]["macs"] == budget["size_ties"]["cost"]
+    assert len(planned["order"]) == len(planned["contenders"]) * config.num_seeds
+
+
+def test_selection_rules_on_the_tiny_space(tmp_path):
+    config = _tiny_config(_tiny_tables(tmp_path / "tables"))
+    space = get_space("tiny")
+    planned = se.plan(config)
+    tables = search.prepare_tables(search.load_space_tables(config.tables.rate_dir, space,
+                                                            resolution=16))
+    fixed = search.space_fixed_costs(space, 16, 10)
+    macs = {a: ground_truth.arch_costs(space, a, 16, 10)["macs"] for a in _all_archs(space)}
+    for k, budget in enumerate(planned["budgets"]):
+        picks, b = budget["picks"], budget["budget"]
+        arch = {role: planned["archs"][i] for role, i in picks.items()}
+        # size: the largest macs under the budget over the whole space
+        assert macs[arch["size"]] == max(m for m in macs.values() if m <= b)
+        # dna: search.search's winner
+        winner = search.search(tables, {"macs": b}, fixed_cost=fixed)[0]
+        assert arch["dna"] == Arch.of(winner.encodings)
+        c = planned["contenders"][picks["dna"]]
+        assert c["dna"]["dna"]["dna_objective"] == pytest.approx(winner.objective)
+        # random: inside the window, distinct networks, none the dna or size pick
+        randoms = [r for r in picks if r.startswith("random")]
+        assert len(randoms) == config.contenders.num_random
+        low = (1 - config.contenders.random_tolerance) * b
+        assert all(low <= macs[arch[r]] <= b for r in randoms)
+        keys = [se.network_key(space, arch[r]) for r in randoms]
+        picked = {se.network_key(space, arch[r]) for r in ("dna", "size")}  # may be one net
+        assert len(set(keys)) == len(keys) and not picked & set(keys)
+        assert (picks["dna"] == picks["size"]) == (len(picked) == 1)
+        for role, i in picks.items():  # the file's costs are the network's
+            assert planned["contenders"][i]["macs"] == macs[arch[role]]
+            assert [k, role] in planned["contenders"][i]["roles"]
+    assert se.plan(config)["budgets"] == planned["budgets"]  # deterministic
+
+
+def test_size_ties_are_networks_not_encodings():
+    config = config_files.load_config(CONFIG)
+    space = get_space("fmnist28")
+    cost, ties = se.largest_under(space, config, 2.8e6)
+    assert cost <= 2.8e6 and len(ties) > 1
+    for arch in ties:
+        assert ground_truth.arch_costs(space, arch, 28, 10)["macs"] == cost
+    assert len({se.network_key(space, a) for a in ties}) < len(ties)  # skips elsewhere
+    with pytest.raises(ValueError, match="no architecture"):
+        se.largest_under(space, config, 1e5)
+
+
+def test_run_order_interleaves_budgets_and_puts_seed_zero_first():
+    budgets = [{"picks": {"dna": 0, "size": 1, "random0": 2}},
+               {"picks": {"dna": 3, "size": 1, "random0": 4}}]
+    assert se.run_order(budgets, 2) == [(0, 0), (3, 0), (1, 0), (2, 0), (4, 0),
+                                        (0, 1), (3, 1), (1, 1), (2, 1), (4, 1)]
+
+
+def test_summary_statistics_on_hand_made_runs():
+    from scipy import stats
+    budgets = [{"budget": 1.0, "picks": {"dna": 0, "size": 1, "random0": 2, "random1": 3,
+                                         "random2": 4}},
+               {"budget": 2.0, "picks": {"dna": 5, "size": 5, "random0": 6, "random1": 7}}]
+    acc = {0: [0.90, 0.91], 1: [0.88, 0.885], 2: [0.87, 0.875], 3: [0.86], 4: [0.89, 0.88],
+           5: [0.92, 0.93], 6: [0.9]}
+    runs = [{"arch": a, "seed": s, "test_accuracy": v}
+            for a, vals in acc.items() for s, v in enumerate(vals)]
+    first, second = se.summarize(budgets, runs)
+    assert first["roles"]["dna"]["mean"] == pytest.approx(0.905)
+    assert first["roles"]["dna"]["sd"] == pytest.approx(np.std([0.90, 0.91], ddof=1))
+    assert first["roles"]["random1"]["sd"] is None  # one seed: no SD
+    means = [0.8725, 0.86, 0.885]
+    assert first["random_mean"]["mean"] == pytest.approx(np.mean(means))
+    vs_size = first["differences"]["dna_minus_size"]
+    assert vs_size["difference"] == pytest.approx(0.905 - 0.8825)
+    ci = stats.ttest_ind([0.90, 0.91], [0.88, 0.885], equal_var=False).confidence_interval()
+    assert vs_size["ci95"] == pytest.approx([ci.low, ci.high])
+    vs_random = first["differences"]["dna_minus_random"]
+    assert vs_random["n"] == [2, 3] and vs_random["difference"] == pytest.approx(
+        0.905 - np.mean(means))
+    # the same net in two roles; one random net only: no interval, no invented number
+    assert second["differences"]["dna_minus_size"]["same_network"] is True
+    assert second["random_mean"]["nets"] == 1
+    assert second["differences"]["dna_minus_random"]["ci95"] is None
+    assert "reason" in second["differences"]["dna_minus_random"]
+    # before any run: nothing
+    empty = se.summarize(budgets, [])[0]
+    assert empty["roles"]["dna"]["mean"] is None
+    assert empty["differences"]["dna_minus_size"]["difference"] is None
+
+
+def test_config_checks_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="num_seeds"):
+        se.check_config(_tiny_config("x", num_seeds=1))
+    with pytest.raises(ValueError, match="variants"):
+        se.check_config(_tiny_config("x", **{"tables.variants": "nonsense"}))
+    with pytest.raises(ValueError, match="random_tolerance or pool_size"):
+        se.plan(_tiny_config(_tiny_tables(tmp_path / "t"), **{"contenders.num_random": 7}))
+
+
+def test_runner_resumes_from_the_file_and_refuses_changes_with_fake_training(tmp_path,
+                                                                              monkeypatch):
+    """The runner's bookkeeping in seconds: training replaced by a stub that counts calls."""
+    calls = []
+
+    def fake_train_one(config, space, arch, index, seed, run_dir, train_data, eval_data, mesh):
+        calls.append((index, seed))
+        assert run_dir.endswith(f"c{index:02d}_s{seed}") and "standalone" in config
+        return {"arch": index, "seed": seed, "test_accuracy": 0.5 + 0.01 * index + 0.001 * seed,
+                "test_loss": 1.0, "train_loss": 1.0, "steps": 2, "train_time_s": 0.0,
+                "wall_time_s": 0.0, "commit": "x", "machine": "stub"}
+
+    class NoData:  # no dataset is read
+        def __init__(self, *args):
+            pass
+
+        def eval(self):
+            return None
+
+        def train(self, seed):
+            return None
+
+    monkeypatch.setattr(ground_truth, "train_one", fake_train_one)
+    monkeypatch.setattr(ground_truth, "RunData", NoData)
+    tables = _tiny_tables(tmp_path / "tables")
+    config = _tiny_config(tables)
+    out, work = str(tmp_path / "effect.json"), str(tmp_path / "work")
+    first = se.run_experiment(config, work, out, max_runs=4)
+    planned = [tuple(o) for o in first["order"]]
+    assert calls == planned[:4] and artifacts.read_json(out)["runs"] == first["runs"]
+    data = se.run_experiment(config, work, out)
+    assert calls == planned and [(r["arch"], r["seed"]) for r in data["runs"]] == planned
+    assert se.run_experiment(config, work, out)["runs"] == data["runs"]
+    assert calls == planned  # resumed: nothing trained again
+    for entry, budget in zip(data["summary"], data["budgets"]):
+        assert set(entry["roles"]) == set(budget["picks"])
+        assert all(r["n"] == config.num_seeds for r in entry["roles"].values())
+        assert entry["differences"]["dna_minus_random"]["ci95"] is not None
+    with pytest.raises(ValueError, match="another config"):
+        se.run_experiment(_tiny_config(tables, **{"contenders.seed": 1}), work, out)
+    _tiny_tables(tmp_path / "tables", seed=2)
+    with pytest.raises(ValueError, match="other rating tables"):
+        se.run_experiment(config, work, out)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_resumes_and_refuses_another_config_or_tables(tmp_path):
+    """Real stand-alone training (6 runs of 2 steps: about 5 minutes on a loaded 2-core CPU,
+    compilation dominates)."""
+    tables = _tiny_tables(tmp_path / "tables")
+    overrides = {"budgets": (306_096.0,), "contenders.num_random": 1}
+    config = _tiny_config(tables, **overrides)
+    out, work = str(tmp_path / "effect.json"), str(tmp_path / "work")
+    first = se.run_experiment(config, work, out, max_runs=3)
+    assert len(first["runs"]) == 3 and first["progress"]["runs_planned"] == 6
+    data = se.run_experiment(config, work, out)
+    assert [(r["arch"], r["seed"]) for r in data["runs"]] == [tuple(o) for o in data["order"]]
+    assert artifacts.read_json(out)["runs"] == data["runs"]
+    for run in data["runs"]:
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["commit"] and run["machine"]
+    summary = data["summary"][0]
+    assert all(summary["roles"][r]["n"] == 2 for r in ("dna", "size", "random0"))
+    assert summary["differences"]["dna_minus_size"]["difference"] is not None
+    again = se.run_experiment(config, work, out)  # resume: nothing new is trained
+    assert again["runs"] == data["runs"]
+    with pytest.raises(ValueError, match="another config"):
+        se.run_experiment(_tiny_config(tables, **overrides, num_seeds=3), work, out)
+    other = _tiny_tables(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="another config|other rating tables"):
+        se.run_experiment(_tiny_config(other, **overrides), work, out)
+    # the same folder, rewritten with other scores: the digest catches it
+    _tiny_tables(tmp_path / "tables", seed=2)
+    with pytest.raises(ValueError, match="other rating tables"):
+        se.run_experiment(config, work, out)
