@@ -5,7 +5,9 @@ r"""Does the rating work? Every method against the ground truth, with size-contr
         --rate_dir dna=workdir/fmnist28_dna/rate --out results/fmnist28_fidelity.json
 
 `--rate_dir NAME=DIR` may be repeated (e.g. a second rating of the same supernet in BatchNorm
-'batch' mode, or a DNA++ rating); each adds `NAME[<metric>,<aggregation>]` rows. Size
+'batch' mode, or a DNA++ rating); each adds `NAME[<metric>,<aggregation>]` rows.
+`--arch_scores NAME=FILE` (repeatable) adds a per-architecture rating, e.g. SPOS's
+(`python -m dna_jax.spos_scores`). Size
 (macs, effective_macs, params, dna_flops), SynFlow and a seeded random score are always
 compared. Works on a partial ground truth (the architectures trained so far). Writes the
 JSON (every statistic with its 95% bootstrap interval, the noise ceiling), a markdown table
@@ -28,6 +30,8 @@ from dna_jax import artifacts, fidelity  # noqa: E402
 
 flags.DEFINE_string("ground_truth", None, "A dna_jax.ground_truth results file.")
 flags.DEFINE_multi_string("rate_dir", [], "NAME=DIR of rating tables (repeatable).")
+flags.DEFINE_multi_string("arch_scores", [], "NAME=FILE of per-architecture scores, e.g. "
+                          "python -m dna_jax.spos_scores's (repeatable).")
 flags.DEFINE_string("out", None, "Where the JSON goes (.md and .png beside it).")
 flags.DEFINE_integer("top_k", 5, "k of the top-k overlap.")
 flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.")
@@ -53,9 +57,15 @@ def main(argv):
         tables = fidelity.load_block_tables(directory, truth.space)
         for key, values in fidelity.dna_predictions(tables, truth.archs).items():
             predictions[key.replace("dna", name, 1)] = values
+    for item in FLAGS.arch_scores:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--arch_scores {item!r}: expected NAME=FILE")
+        predictions[name] = fidelity.arch_score_predictions(artifacts.read_json(path), truth)
     result = fidelity.compare_all(truth, predictions, top_k=FLAGS.top_k,
                                   num_resamples=FLAGS.resamples)
     result.update({"ground_truth": FLAGS.ground_truth, "rate_dirs": FLAGS.rate_dir,
+                   "arch_scores": FLAGS.arch_scores,
                    "runs": len(truth.data["runs"]),
                    "archs_with_seeds": int(sum(len(s) >= 2 for s in truth.seeds)),
                    "predictions": {k: v.tolist() for k, v in predictions.items()},

@@ -181,6 +181,27 @@ def synflow_scores(space: SearchSpace, archs: Sequence[Arch], resolution: int,
 # ---- the comparison ----------------------------------------------------------------------------
 
 
+def arch_score_predictions(scores: Mapping[str, Any], truth: "GroundTruth") -> np.ndarray:
+    """A per-architecture rating file (e.g. benchmarks/spos_scores.py's) as a prediction for
+    the truth's trained architectures, oriented higher = better.
+
+    Raises:
+      ValueError: a trained architecture has no score in the file (rated another sample).
+    """
+    by_blocks = {tuple(tuple(b) for b in blocks): float(score)
+                 for blocks, score in zip(scores["archs"], scores["scores"])}
+    sign = 1.0 if scores.get("higher_is_better", True) else -1.0
+    values = []
+    for arch in truth.archs:
+        key = tuple(tuple(b) for b in arch.blocks)
+        if key not in by_blocks:
+            raise ValueError(f"architecture {list(map(list, key))} of the ground truth has no "
+                             f"{scores.get('method', 'score')} score: the file rated another "
+                             "sample (rerun it on this ground truth)")
+        values.append(sign * by_blocks[key])
+    return np.asarray(values)
+
+
 def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, top_k: int = 5,
                 budget_quantiles: Sequence[float] = (0.33, 0.67), cost: str = "macs",
                 num_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -25,6 +25,8 @@ VARIANTS = {
     "fmnist28_dna.py": [None, "tiny"],
     "fmnist28_ground_truth.py": [None, "tiny"],
     "fmnist28_search_effectiveness.py": [None, "tiny"],
+    "fmnist28_spos.py": [None, "tiny"],
+    "fmnist28_dna_pp.py": [None, "tiny"],
 }
 
 

@@ -288,3 +288,40 @@ def test_prepare_tables_excludes_unfit_blocks_and_rank_normalises():
     np.testing.assert_allclose(ranked[0].score, [2 / 3, 1 / 3, 1.0])
     with pytest.raises(ValueError, match="unfit_blocks"):
         search.prepare_tables(tables, fits, unfit_blocks="drop")
+
+
+def test_per_architecture_scores_are_matched_by_blocks_and_oriented():
+    truth = fidelity.GroundTruth(_fake_truth())
+    archs = [[list(b) for b in a.blocks] for a in reversed(truth.archs)]  # any order
+    losses = [float(sum(sum(b) for b in a)) for a in archs]
+    scores = {"method": "spos", "archs": archs, "scores": losses, "higher_is_better": False}
+    np.testing.assert_allclose(fidelity.arch_score_predictions(scores, truth),
+                               [-sum(sum(b) for b in a.blocks) for a in truth.archs])
+    scores["higher_is_better"] = True
+    np.testing.assert_allclose(fidelity.arch_score_predictions(scores, truth),
+                               [sum(sum(b) for b in a.blocks) for a in truth.archs])
+    with pytest.raises(ValueError, match="has no spos score: the file rated another sample"):
+        fidelity.arch_score_predictions({**scores, "archs": archs[1:], "scores": losses[1:]},
+                                        truth)
+
+
+@pytest.mark.slow
+def test_spos_scores_rate_every_sampled_architecture(tmp_path):
+    config = config_files.load_config(GT_CONFIG, "tiny")
+    space = get_space(config.space)
+    sample = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    truth_path = tmp_path / "truth.json"
+    artifacts.write_json(str(truth_path), {"format_version": 1, "runs": [], "sample": {
+        "record": {"space": config.space, "resolution": config.resolution},
+        "archs": [{"blocks": [list(b) for b in s["arch"].blocks]} for s in sample]}})
+    out = tmp_path / "spos.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dna_jax.spos_scores", "--config",
+         os.path.join(REPO, "configs", "fmnist28_spos.py") + ":tiny", "--workdir",
+         str(tmp_path / "w"), "--out", str(out), "--ground_truth", str(truth_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = artifacts.read_json(str(out))
+    assert scores["archs"] == [[list(b) for b in s["arch"].blocks] for s in sample]
+    assert len(scores["scores"]) == len(sample)
+    assert all(0.0 <= s <= 1.0 for s in scores["scores"]) and scores["higher_is_better"]

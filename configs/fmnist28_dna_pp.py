@@ -1,0 +1,41 @@
+r"""DNA++ (self-supervised blocks, no teacher) on the `fmnist28` space: the fidelity setup.
+
+    python -m dna_jax.main --config configs/fmnist28_dna_pp.py --workdir workdir/fmnist28_dna_pp \
+        --config.stages=ssl,rate
+
+The DNA++ row of the rating-fidelity table (issue 19): the `fmnist28` space's three blocks
+trained one after another by self-supervision (configs/fashion_mnist_dna_pp.py's recipe: 2
+paths per step, BYOL views, collapse guards, AdamW), SSL_STEPS steps of batch 64 per block:
+each block sees about as many images (160k) as in DNA's 3-epoch distillation
+(configs/fmnist28_dna.py: 1,287 steps of 128); every candidate rated by its SSL loss against the population
+centre on 4 held-out batches of 250 (BatchNorm recalibrated on 2,048 fixed views), 28 px.
+`benchmarks/rating_fidelity.py --rate_dir dnapp=workdir/fmnist28_dna_pp/rate` compares it.
+The search budget is absolute (no teacher): 2.8M multiply-adds. Not yet measured.
+"""
+
+import ml_collections
+
+from dna_jax import config_files
+
+SSL_STEPS = 2500
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "full"
+    if variant not in ("full", "tiny"):
+        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    config = config_files.sibling_config(__file__, "fashion_mnist_dna_pp",
+                                         "tiny" if variant == "tiny" else None, unlocked=True)
+    if variant == "tiny":
+        config.lock()
+        return config
+    config.data.image_size = config.retrain.data.image_size = 28
+    config.ssl.space = "fmnist28"
+    config.ssl.num_steps = SSL_STEPS
+    config.ssl.checkpoint_every_steps = 200
+    config.ssl.augment.blur_sigma = (0.14, 1.4)  # pixels at 28 px (20 px: 0.1-1.0)
+    config.rate.cost_resolution = 28
+    config.rate.recalibration_images = 2048
+    config.search.budget = 2.8e6
+    config.lock()
+    return config
