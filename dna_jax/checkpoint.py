@@ -5,9 +5,12 @@ an abstract tree whose leaves carry shardings places the arrays directly on the 
 
 A state with a NaN or infinite floating-point leaf is never saved: `save` checks every leaf
 first (one jitted reduction, only at steps that are due) and raises `NonFiniteStateError`,
-so the newest checkpoint is always a finite one ("last good"). On resume,
-`restore_latest_good` checks the restored arrays again: a checkpoint that does not restore or
-holds NaN/inf (a corrupted file) is set aside, never deleted, and the previous one is used.
+so the newest checkpoint is always a finite one ("last good"). Once a save is on disk, the
+SHA-256 of its files is recorded beside it (`<step>.sha256.json`, dna_jax.integrity). On
+resume, `restore_latest_good` verifies those checksums (a flipped byte can restore into
+finite nonsense) and checks the restored arrays again: a checkpoint whose files changed, that
+does not restore, or that holds NaN/inf is set aside, never deleted, and the previous one is
+used.
 """
 
 import logging
@@ -19,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dna_jax import integrity
+from dna_jax import multihost
 
 
 class CheckpointError(RuntimeError):
@@ -90,6 +96,7 @@ class Checkpointer:
         """
         if not (force or self._manager.should_save(step)):
             return False
+        self.record_checksums()
         bad, total = nonfinite_leaves(state)
         if bad:
             last = self.latest_step()
@@ -143,6 +150,10 @@ class Checkpointer:
         reason, and the previous one is tried. Returns (target, None) when none is usable.
         """
         for step in sorted(self.all_steps(), reverse=True):
+            corrupt = self._verify(step)
+            if corrupt:
+                self._set_aside(step, corrupt)
+                continue
             try:
                 state = self.restore(target, step)
             except CheckpointError as error:
@@ -156,24 +167,58 @@ class Checkpointer:
             self._set_aside(step, problem)
         return target, None
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def record_checksums(self) -> None:
+        """Records the checksums of every finished step that has none (process 0), after the
+        pending async save is on disk; drops those of steps Orbax has deleted."""
+        self._manager.wait_until_finished()
+        if multihost.is_writer() and os.path.isdir(self.directory):
+            steps = set(self.all_steps())
+            for step in steps:
+                if not integrity.sidecar(self._step_dir(step)).exists():
+                    integrity.record_sidecar(self._step_dir(step))
+            for name in os.listdir(self.directory):
+                head, _, tail = name.partition(".")
+                if tail == "sha256.json" and head.isdigit() and int(head) not in steps:
+                    os.remove(os.path.join(self.directory, name))
+        multihost.barrier("checkpoint checksums recorded")
+
+    def _verify(self, step: int) -> str:
+        """'' when step's files match their checksums (or none were recorded), else what
+        differs; process 0 reads, every process gets its verdict."""
+        problem = ""
+        if multihost.is_writer():
+            try:
+                integrity.verify(self._step_dir(step),
+                                 integrity.read_sidecar(self._step_dir(step)),
+                                 f"checkpoint step {step}")
+            except integrity.IntegrityError as error:
+                problem = str(error)
+        corrupt = multihost.agree(bool(problem), (False, True))
+        return (problem or "its files differ from their recorded checksums") if corrupt else ""
+
     def _set_aside(self, step: int, problem: str) -> None:
-        path = os.path.join(self.directory, str(step))
-        moved = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
-        if jax.process_index() == 0 and os.path.exists(path):
+        path = self._step_dir(step)
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        moved = f"{path}.unusable-{stamp}"
+        if multihost.is_writer() and os.path.exists(path):
             os.replace(path, moved)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+            checksums = integrity.sidecar(path)
+            if checksums.exists():  # kept with the step it describes
+                checksums.rename(os.path.join(moved, "recorded.sha256.json"))
+        multihost.barrier(f"checkpoint step {step} set aside")
         self._manager.reload()
         logging.warning("Checkpoint step %d in %s is unusable (%s); set aside as %s, trying "
                         "the previous one.", step, self.directory, problem[:500], moved)
 
     def wait(self) -> None:
-        """Blocks until the pending async save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending async save is on disk (and its checksums recorded)."""
+        self.record_checksums()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.record_checksums()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

@@ -3,11 +3,13 @@
 A teacher checkpoint is a directory:
 
     teacher.json   what the weights are: zoo name, classes, padding/BatchNorm options, where the
-                   weights came from (e.g. converted timm weights), preprocessing, versions
+                   weights came from (e.g. converted timm weights), preprocessing, versions,
+                   and the SHA-256 of every file of variables/ (`checksums`)
     variables/     Orbax (StandardCheckpointer) checkpoint of {'params', 'batch_stats'}
 
-`load_teacher` rebuilds the module from the zoo, checks the checkpoint against it (names, shapes,
-dtypes, layer options) and fails with one error naming the path and every problem. Nothing here
+`load_teacher` rebuilds the module from the zoo, verifies the files against their checksums
+(dna_jax.integrity), checks the checkpoint against the network (names, shapes, dtypes, layer
+options) and fails with one error naming the path and every problem. Nothing here
 needs torch: timm weights are converted once by `python -m dna_jax.porting.timm`.
 
 A teacher need not be a zoo network: `save_teacher(..., spec=NetworkSpec)` stores the
@@ -34,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from dna_jax import integrity
 from dna_jax.models import zoo
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
@@ -187,6 +190,8 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
+        # What load_teacher verifies first: a flipped byte restores into finite nonsense.
+        metadata["checksums"] = integrity.tree_checksums(os.path.join(staging, VARIABLES_DIR))
         with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -316,6 +321,10 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
         if problems:
             raise TeacherCheckpointError(f"teacher checkpoint {directory} does not fit {name} "
                                          f"({num_classes} classes):\n  " + "\n  ".join(problems))
+        try:  # the shapes fit: are the bytes the ones written?
+            integrity.verify(variables_dir, metadata.get("checksums"), "teacher checkpoint")
+        except integrity.IntegrityError as e:
+            raise TeacherCheckpointError(str(e)) from e
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                               expected)
         try:

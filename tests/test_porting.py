@@ -379,6 +379,22 @@ def test_corrupt_checkpoint_is_reported_with_its_path(small_teacher, tmp_path, d
         teacher.load_teacher("fmnist_teacher", broken)
 
 
+def test_a_flipped_byte_in_the_teacher_fails_its_checksums(small_teacher, tmp_path):
+    directory, _ = small_teacher
+    assert json.loads((directory / "teacher.json").read_text())["checksums"]
+    flipped = tmp_path / "flipped"
+    shutil.copytree(directory, flipped)
+    data = max((p for p in (flipped / "variables").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # a value changes; shapes and metadata do not
+    data.write_bytes(bytes(raw))
+    with pytest.raises(teacher.TeacherCheckpointError,
+                       match=rf"teacher checkpoint {flipped}/variables is corrupt: .*"
+                             rf"{data.relative_to(flipped / 'variables')}: SHA-256"):
+        teacher.load_teacher("fmnist_teacher", flipped)
+
+
 def test_save_teacher_checks_variables_and_existing_dirs(small_teacher, tmp_path):
     directory, variables = small_teacher
     with pytest.raises(FileExistsError, match="already exists"):

@@ -308,6 +308,37 @@ def test_an_unusable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path,
     assert len(glob.glob(str(tmp_path / "2.unusable-*"))) == 1
 
 
+def test_a_flipped_byte_with_finite_values_fails_its_checksums_and_is_set_aside(tmp_path,
+                                                                                caplog):
+    import glob
+
+    import numpy as np
+
+    from dna_jax import checkpoint as checkpoint_lib
+    states = {step: {"w": np.full(4096, step, np.float32)} for step in (1, 2)}
+    with checkpoint_lib.Checkpointer(str(tmp_path), save_every_steps=1) as checkpointer:
+        for step, state in states.items():
+            checkpointer.save(step, state)
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "*.sha256.json"))) == [
+        "1.sha256.json", "2.sha256.json"]
+    files = [p for p in glob.glob(str(tmp_path / "2" / "**" / "*"), recursive=True)
+             if os.path.isfile(p)]
+    data_file = max(files, key=os.path.getsize)  # the array bytes
+    with open(data_file, "r+b") as f:
+        f.seek(os.path.getsize(data_file) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with caplog.at_level("WARNING"):
+        with checkpoint_lib.Checkpointer(str(tmp_path)) as checkpointer:
+            restored, step = checkpointer.restore_latest_good(states[1])
+    assert step == 1 and np.all(restored["w"] == 1)
+    assert "differ from the checksums recorded" in caplog.text
+    assert os.path.relpath(data_file, tmp_path / "2") in caplog.text  # the file is named
+    moved = glob.glob(str(tmp_path / "2.unusable-*"))
+    assert len(moved) == 1 and os.path.exists(os.path.join(moved[0], "recorded.sha256.json"))
+
+
 # ---- damaged artifacts: named, with advice that works ----------------------------------------
 
 

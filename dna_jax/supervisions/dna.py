@@ -66,9 +66,17 @@ def load_teacher(ctx: Context) -> tuple[Any, dict[str, Any]]:
     """The teacher module and its variables (replicated over the mesh), loaded once per run."""
     if "teacher" not in ctx.cache:
         cfg = ctx.config.teacher
-        ctx.cache["teacher"] = teacher_lib.load_teacher(
-            cfg.name, teacher_checkpoint_dir(ctx), num_classes=cfg.num_classes or None,
-            sharding=sharding_lib.replicated(ctx.mesh))
+        try:
+            ctx.cache["teacher"] = teacher_lib.load_teacher(
+                cfg.name, teacher_checkpoint_dir(ctx), num_classes=cfg.num_classes or None,
+                sharding=sharding_lib.replicated(ctx.mesh))
+        except teacher_lib.TeacherCheckpointError as error:
+            if cfg.checkpoint or "is corrupt" not in str(error):
+                raise
+            stage_dir = ctx.stage_dir("teacher")  # trained here: the stage makes it again
+            raise StageError(f"{error}. The teacher stage trained it: move {stage_dir} aside "
+                             f"(`mv {stage_dir} {stage_dir}.corrupt`) and run the same command "
+                             "again to retrain it") from error
     return ctx.cache["teacher"]
 
 
