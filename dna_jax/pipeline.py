@@ -42,6 +42,7 @@ from dna_jax import data as data_lib
 from dna_jax import distill as distill_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import rate as rate_lib
+from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
@@ -446,10 +447,10 @@ def run_rate(ctx: Context) -> dict[str, Any]:
 # ---- stage: search -----------------------------------------------------------------------------
 
 
-def load_tables(ctx: Context) -> list[search_lib.BlockTable]:
+def load_tables(ctx: Context) -> list[rating_table.BlockTable]:
     """The rating tables, checked against the space (names the file and the problem)."""
-    return search_lib.load_space_tables(ctx.stage_dir("rate"), ctx.space,
-                                        resolution=_resolution(ctx))
+    return rating_table.load_space_tables(ctx.stage_dir("rate"), ctx.space,
+                                          resolution=_resolution(ctx))
 
 
 def _resolution(ctx: Context) -> int:
@@ -484,7 +485,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
     cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
     tables = load_tables(ctx)
-    fits = [rate_lib.block_fit(ctx.stage_dir("rate"), block.name) for block in space.blocks]
+    fits = [rating_table.block_fit(ctx.stage_dir("rate"), block.name) for block in space.blocks]
     tables = search_lib.prepare_tables(tables, fits, cfg.get("unfit_blocks", "keep"),
                                        cfg.get("rank_normalize", False))
     teacher_figures = {} if is_ssl(ctx.config) else ctx.figures("teacher")
