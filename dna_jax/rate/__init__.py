@@ -62,7 +62,8 @@ from dna_jax.rate.plan import (CandidateTrie, LevelShape, TraversalPlan, assign_
 from dna_jax.rate.scores import (TEACHER_ERRORS, LeafReduction, combine_metrics, fit_summary,
                                  teacher_batch_stats, warn_if_unfit)
 from dna_jax.rate.stage import rate_blocks, teacher_block_io
-# The table format lives in dna_jax.rating_table; these names stay here for DNA++ (ssl.py).
+# The table format lives in dna_jax.rating_table; these names stay here for ssl.py and other
+# callers not yet moved to it.
 from dna_jax.rating_table import (BlockRating, block_fit, load_rating, rating_complete,
                                   rating_fingerprint, save_rating, tree_digest)
 
