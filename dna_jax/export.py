@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dna_jax import artifacts, costs
+from dna_jax import artifacts, costs, rating_table
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
@@ -406,7 +406,7 @@ def choose_from_tables(space: SearchSpace, table_dir: str, budgets: Mapping[str,
 
     if not budgets:
         raise ValueError("give at least one budget, e.g. --budget macs=460M")
-    tables = search.load_space_tables(table_dir, space, resolution=resolution)
+    tables = rating_table.load_space_tables(table_dir, space, resolution=resolution)
     fixed = search.space_fixed_costs(space, resolution, num_classes)
     return search.best_under_budget(tables, budgets, fixed_cost=fixed, combine=combine,
                                     standardize=standardize)

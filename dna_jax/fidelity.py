@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dna_jax import ground_truth, ranking_stats
+from dna_jax import ground_truth, ranking_stats, rating_table
 from dna_jax.space import Arch, SearchSpace, get_space
 
 AGGREGATIONS = ("sum", "fit_blocks", "zscore", "rank")
@@ -103,10 +103,9 @@ class GroundTruth:
 
 def load_block_tables(rate_dir: str, space: SearchSpace) -> list[dict[str, Any]]:
     """Per block: {'rows': encoding -> row, 'metrics': {name: [N]}, 'fit': summary or None}."""
-    from dna_jax import rate as rate_lib  # pylint: disable=import-outside-toplevel
     tables = []
     for block in space.blocks:
-        rating = rate_lib.load_rating(os.path.join(rate_dir, block.name))
+        rating = rating_table.load_rating(os.path.join(rate_dir, block.name))
         tables.append({"rows": {tuple(int(o) for o in e): i
                                 for i, e in enumerate(rating.encodings)},
                        "metrics": {k: np.asarray(v, np.float64)

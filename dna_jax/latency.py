@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dna_jax import artifacts
-from dna_jax.search import BlockTable
+from dna_jax.rating_table import BlockTable
 
 LATENCY_FORMAT = "dna_jax.latency/1"
 COLUMNS = ("block", "layer", "op", "resolution", "latency_ms")

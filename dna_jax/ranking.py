@@ -50,8 +50,8 @@ from dna_jax import data as data_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import pipeline
 from dna_jax import ranking_stats
+from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
-from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import spos as spos_lib
 from dna_jax.models.childnet import build_childnet
@@ -277,15 +277,12 @@ def dna_scores(table_dir: str, space: SearchSpace, archs: Sequence[Arch],
     Raises:
       RankingError: if an architecture's candidate of some block was not rated.
     """
-    tables = search_lib.load_space_tables(table_dir, space, resolution=resolution)
+    tables = rating_table.load_space_tables(table_dir, space, resolution=resolution)
     columns: dict[str, list[np.ndarray]] = {"score": [t.score for t in tables]}
     for b, table in enumerate(tables):
         if table.source.endswith(".npz") and os.path.exists(table.source):
-            with np.load(table.source, allow_pickle=False) as data:
-                for name in data.files:
-                    if name.startswith("metric_"):
-                        columns.setdefault(name, [None] * len(tables))[b] = np.asarray(
-                            data[name], np.float64)
+            for name, values in rating_table.load_metrics(table.source).items():
+                columns.setdefault(f"metric_{name}", [None] * len(tables))[b] = values
     columns = {k: v for k, v in columns.items() if all(c is not None for c in v)}
     rows = [{tuple(int(o) for o in enc): i for i, enc in enumerate(t.encodings)} for t in tables]
     out = {name: np.zeros(len(archs)) for name in columns}

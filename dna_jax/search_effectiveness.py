@@ -75,6 +75,7 @@ from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import ground_truth
 from dna_jax import metrics as metrics_lib
+from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
 from dna_jax.space import Arch, SearchSpace, get_space
 
@@ -168,10 +169,9 @@ def table_dirs(config: ml_collections.ConfigDict) -> dict[str, str]:
 def load_tables(rate_dir: str, space: SearchSpace, config: ml_collections.ConfigDict) -> dict:
     """The tables the search composes (as the pipeline's search stage prepares them), with
     their digest, fits and score metric."""
-    from dna_jax import rate as rate_lib  # pylint: disable=import-outside-toplevel
     from dna_jax import search as search_lib  # pylint: disable=import-outside-toplevel
-    tables = search_lib.load_space_tables(rate_dir, space, resolution=config.resolution)
-    fits = [rate_lib.block_fit(rate_dir, block.name) for block in space.blocks]
+    tables = rating_table.load_space_tables(rate_dir, space, resolution=config.resolution)
+    fits = [rating_table.block_fit(rate_dir, block.name) for block in space.blocks]
     tables = search_lib.prepare_tables(tables, fits, config.search.unfit_blocks,
                                        config.search.rank_normalize)
     digest = hashlib.sha256()

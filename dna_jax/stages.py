@@ -20,7 +20,7 @@ import jax
 
 from dna_jax import artifacts
 from dna_jax import metrics as metrics_lib
-from dna_jax import rate as rate_lib
+from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import stage_context
@@ -53,10 +53,10 @@ def resolution(ctx: Context) -> int:
     return stage_context.resolution(ctx.config, ctx.space)
 
 
-def load_tables(ctx: Context) -> list[search_lib.BlockTable]:
+def load_tables(ctx: Context) -> list[rating_table.BlockTable]:
     """The rating tables, checked against the space (names the file and the problem)."""
-    return search_lib.load_space_tables(ctx.stage_dir("rate"), ctx.space,
-                                        resolution=resolution(ctx))
+    return rating_table.load_space_tables(ctx.stage_dir("rate"), ctx.space,
+                                          resolution=resolution(ctx))
 
 
 def search_budgets(ctx: Context) -> dict[str, float]:
@@ -87,7 +87,8 @@ def run_search(ctx: Context) -> dict[str, Any]:
 
     cfg, space, stage_dir = ctx.config.search, ctx.space, ctx.stage_dir("search")
     tables = load_tables(ctx)
-    fits = [rate_lib.block_fit(ctx.stage_dir("rate"), block.name) for block in space.blocks]
+    fits = [rating_table.block_fit(ctx.stage_dir("rate"), block.name)
+            for block in space.blocks]
     tables = search_lib.prepare_tables(tables, fits, cfg.unfit_blocks, cfg.rank_normalize)
     reference = ctx.kind.reference_costs(ctx) or {}
     num_classes = ctx.kind.num_classes(ctx)

@@ -9,6 +9,7 @@ import pytest
 
 from dna_jax import latency as lat
 from dna_jax import search as S
+from dna_jax.search import exact as search_exact, fronts as search_fronts, problem as search_problem
 
 SEEDS = (0, 1, 2, 3)
 
@@ -88,7 +89,7 @@ def test_one_cost_budgets_match_brute_force(seed, ties):
             expected = S.brute_force_search(tables, {"macs": spec}, k=k)
             got = S.search(tables, {"macs": spec}, k=k)
             assert objectives(got) == objectives(expected), (spec, k)
-            low, high = S._parse_budgets({"macs": spec})["macs"]
+            low, high = S.parse_budgets({"macs": spec})["macs"]
             assert all(low <= r.costs["macs"] <= high for r in got)
             assert len({r.indices for r in got}) == len(got)
 
@@ -121,8 +122,8 @@ def test_level_search_engine_matches_front_on_plain_budget():
     tables = small_tables(5, False, num_blocks=4)
     _, _, cost = brute(tables)
     for budget in budget_points(cost[:, 0]):
-        problem = S._make_problem(tables, {"macs": budget}, 0.0, "sum", False)
-        exact = S._exact(problem, 1, None)[0]
+        problem = search_problem.make_problem(tables, {"macs": budget}, 0.0, "sum", False)
+        exact = search_exact.branch_and_bound(problem, 1, None)[0]
         assert exact.objective == S.search(tables, {"macs": budget})[0].objective
 
 
@@ -141,7 +142,7 @@ def test_dominance_pruning_keeps_what_exactness_needs(k):
                       ((1, 2), (10, 10))]:
         low, high = np.array(low, float), np.array(high, float)
         kept = np.zeros(n, bool)
-        kept[S._dominance_keep(obj, cost, low, high, k)] = True
+        kept[search_fronts.dominance_keep(obj, cost, low, high, k)] = True
         used = np.isfinite(low) | np.isfinite(high)  # a cost with no bound plays no part
         signed = np.stack([np.where(np.isinf(low[j]), cost[:, j], -cost[:, j])
                            for j in range(2) if used[j]], 1)
