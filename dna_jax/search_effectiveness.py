@@ -552,7 +552,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
 
 def render_plan(planned: dict[str, Any], config: ml_collections.ConfigDict) -> str:
     """The selection as text: per budget, each role's network, costs and DNA scores."""
-    lines = [f"tables: " + ", ".join(f"{r}={t['source']} ({t['digest']})"
+    lines = ["tables: " + ", ".join(f"{r}={t['source']} ({t['digest']})"
                                      for r, t in planned["tables"].items())]
     for b in planned["budgets"]:
         lines.append(f"budget {config.cost} <= {b['budget']:,.0f} (random window "
