@@ -79,7 +79,7 @@ PyTree = Any
 METRICS = ("mse", "mse_var", "rmse_var", "mae_rel", "cl_loss")
 BN_MODES = ("recalibrate", "batch")
 TABLE_FORMAT_VERSION = 1  # the `format_version` of dna_jax.search block tables
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from dna_jax.compile_options import FAST_COMPILE as _FAST_COMPILE  # noqa: E402
 _SPLIT_FACTOR = 4
 _RATER_IDS = itertools.count()
 _SHARED_FUNCTIONS: dict[tuple, tuple[dict, collections.Counter, int]] = {}  # a level is split over devices once it has this many nodes per device
