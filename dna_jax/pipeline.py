@@ -46,11 +46,14 @@ from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax import ssl as ssl_lib
+from dna_jax import ssl_rating as ssl_rating_lib
+from dna_jax import ssl_train as ssl_train_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax import validate as validate_lib
 from dna_jax import workdir as workdir_lib
 from dna_jax.models.efficientnet import scaled_network_spec
 from dna_jax.space import Arch, SearchSpace, align_space, get_space
+from dna_jax.supernet import artifact as artifact_lib
 
 STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
 SSL_STAGES = ("ssl", "rate", "search", "retrain", "report")  # DNA++: no teacher
@@ -350,7 +353,7 @@ def run_distill(ctx: Context) -> dict[str, Any]:
     supernet, figures = distill_lib.train_supernet(
         cfg.distill, module, variables, train_data, val_data, ctx.stage_dir("distill"),
         mesh=ctx.mesh, space=ctx.space)
-    distill_lib.save_supernet(_supernet_dir(ctx), supernet)
+    artifact_lib.save_supernet(_supernet_dir(ctx), supernet)
     ctx.cache["supernet"] = supernet
     return figures
 
@@ -365,7 +368,7 @@ def load_stage_supernet(ctx: Context) -> dict[str, Any]:
     if is_ssl(ctx.config):
         return load_stage_ssl(ctx)[0]
     if "supernet" not in ctx.cache:
-        ctx.cache["supernet"] = distill_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx),
+        ctx.cache["supernet"] = artifact_lib.load_supernet(_supernet_dir(ctx), _distiller(ctx),
                                                          mesh=ctx.mesh)
     return ctx.cache["supernet"]
 
@@ -733,11 +736,11 @@ def run_ssl(ctx: Context) -> dict[str, Any]:
     rate_block = None
     if cfg.ssl.schedule == "sequential":
         views, recal = ssl_rating_views(ctx)
-        rate_block = ssl_lib.make_block_rater(views, recal, cfg.rate, ctx.mesh,
+        rate_block = ssl_rating_lib.make_block_rater(views, recal, cfg.rate, ctx.mesh,
                                               os.path.join(stage_dir, "ratings"))
-    state, _, figures = ssl_lib.train_ssl_supernet(cfg.ssl, train_data, stage_dir, ctx.mesh,
+    state, _, figures = ssl_train_lib.train_ssl_supernet(cfg.ssl, train_data, stage_dir, ctx.mesh,
                                                    ctx.space, rate_block)
-    ssl_lib.save_ssl_artifact(stage_dir, state)
+    ssl_train_lib.save_ssl_artifact(stage_dir, state)
     ctx.cache["ssl"] = (state.supernet_variables(), state.ssl_variables())
     figures["num_classes"] = int(train_data.info.num_classes)
     return figures
@@ -746,7 +749,7 @@ def run_ssl(ctx: Context) -> dict[str, Any]:
 def load_stage_ssl(ctx: Context) -> tuple[dict, dict]:
     """(supernet variables, ssl variables) of the ssl stage, loaded once per run."""
     if "ssl" not in ctx.cache:
-        ctx.cache["ssl"] = ssl_lib.load_ssl_artifact(ctx.stage_dir("ssl"), _ssl_trainer(ctx),
+        ctx.cache["ssl"] = ssl_train_lib.load_ssl_artifact(ctx.stage_dir("ssl"), _ssl_trainer(ctx),
                                                      mesh=ctx.mesh)
     return ctx.cache["ssl"]
 
@@ -757,7 +760,7 @@ def run_ssl_rate(ctx: Context) -> dict[str, Any]:
     supernet, ssl_variables = load_stage_ssl(ctx)
     views, recal = ssl_rating_views(ctx)
     watch = metrics_lib.Stopwatch()
-    paths, chosen = ssl_lib.rate_ssl_blocks(_ssl_trainer(ctx), supernet, ssl_variables, views,
+    paths, chosen = ssl_rating_lib.rate_ssl_blocks(_ssl_trainer(ctx), supernet, ssl_variables, views,
                                             recal, ctx.config.rate, ctx.stage_dir("rate"),
                                             ctx.mesh)
     blocks = _rating_summaries(ctx, paths)
