@@ -229,7 +229,7 @@ class Distiller(paths_lib.BlockPaths):
 
     def init(self, rng: jax.Array, image_shape: Sequence[int],
              teacher_variables: PyTree | None = None) -> DistillState:
-        """Fresh state (pure; jit it, see `init_state`).
+        """Fresh state (pure; `loop.init_state` jits it).
 
         Parameter shapes depend on channels only, so `image_shape` (one image's H, W, C) just
         has to survive the strides; block k > 0 is initialised on a dummy input with the

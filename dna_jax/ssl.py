@@ -337,7 +337,7 @@ class SelfSupervised(paths_lib.BlockPaths):
     # -- init --
 
     def init(self, rng: jax.Array, image_shape: Sequence[int]) -> SSLState:
-        """Fresh state (pure; see `init_state`): the target starts equal to the online side."""
+        """Fresh state (pure; `loop.init_state` jits it): the target starts as the online side."""
         params, batch_stats, opt_state = {}, {}, {}
         for k, name in enumerate(self.names):
             key = jax.random.fold_in(jax.random.fold_in(rng, 1), k)

@@ -53,7 +53,7 @@ def train_ssl_supernet(config: Any, train_data: Any, workdir: str, mesh: Mesh | 
     """Trains the supernet blocks by self-supervision; resumes from workdir/checkpoints.
 
     Args:
-      config: the `ssl` section (see `get_default_config`).
+      config: the `ssl` section (see `ssl.get_default_config`).
       train_data: a multi-view Dataset (`dna_jax.data.views.make_view_dataset`) with
         2 * num_paths views per image.
       workdir: checkpoints, TensorBoard events, ssl_history.json, figures.json.
@@ -61,7 +61,7 @@ def train_ssl_supernet(config: Any, train_data: Any, workdir: str, mesh: Mesh | 
       space: the search space (default: `get_space(config.space)`).
       rate_block: 'sequential' only: `(trainer, k, state, chosen paths of blocks < k) ->
         best path of block k`, called when block k's training ends (see
-        `make_block_rater`); required for 'sequential' with more than one block.
+        `ssl_rating.make_block_rater`); required for 'sequential' with more than one block.
 
     Returns:
       (final state, the chosen path of each block trained sequentially (op indices),
