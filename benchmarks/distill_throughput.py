@@ -42,6 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dna_jax import distill, sharding  # noqa: E402
+from dna_jax.supernet import loop as loop_lib  # noqa: E402
+from dna_jax.supernet.paths import DTYPES  # noqa: E402
 from dna_jax.costs import block_op_cost_table, layer_costs, network_costs, stem_costs  # noqa: E402
 from dna_jax.netspec import NetworkSpec  # noqa: E402
 from dna_jax.models import cpu_conv, zoo  # noqa: E402
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="distill.conv_impl ('auto' = taps on CPU)")
     parser.add_argument("--all-blocks-only", action="store_true",
                         help="time only the all-blocks step (sequential figures null)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(distill.DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                         help="compute dtype of the teacher and the student blocks")
     args = parser.parse_args(argv)
     if args.resolution < 32 or args.batch_size < 1 or args.steps < 1:
@@ -125,15 +127,15 @@ def main(argv=None) -> dict:
     config.conv_impl = args.conv_impl
     config.dtype = config.teacher_dtype = args.dtype
     distiller = distill.make_distiller(config, teacher, steps_per_epoch=1000)
-    state = distill.init_state(distiller, 0, shape, mesh)
+    state = loop_lib.init_state(distiller, 0, shape, mesh)
     print(f"init (teacher + supernet): {time.perf_counter() - watch:.1f} s", flush=True)
     images = jax.device_put(
         np.random.default_rng(0).standard_normal((args.batch_size, *shape), np.float32),
         sharding.batch_sharding(mesh))
     batch_shape = images.shape
-    phases = {"all_blocks": distill.Phase(tuple(range(distiller.num_blocks)), 0, 1)}
+    phases = {"all_blocks": loop_lib.Phase(tuple(range(distiller.num_blocks)), 0, 1)}
     if not args.all_blocks_only:
-        phases.update({f"block{k}": distill.Phase((k,), 0, 1)
+        phases.update({f"block{k}": loop_lib.Phase((k,), 0, 1)
                        for k in range(distiller.num_blocks)})
     seconds, flops, compile_s, model_flops = {}, {}, {}, {}
     for name, phase in phases.items():

@@ -179,14 +179,14 @@ def load_supernet_variables(path: str) -> dict[str, PyTree]:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: supernet checkpoint folder does not exist")
-    from dna_jax import distill as distill_lib  # pylint: disable=import-outside-toplevel
+    from dna_jax.supernet import artifact as artifact_lib  # pylint: disable=import-outside-toplevel
     from dna_jax import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
     if os.path.exists(os.path.join(path, teacher_lib.METADATA_FILE)) or os.path.exists(
             os.path.join(os.path.dirname(path), teacher_lib.METADATA_FILE)):
         raise ValueError(f"{path} is a teacher checkpoint ({teacher_lib.METADATA_FILE}), not a "
                          "supernet: give the distill stage's output, <workdir>/distill/supernet")
-    if os.path.exists(os.path.join(path, distill_lib.SUPERNET_MANIFEST)):
-        path = os.path.join(path, distill_lib.SUPERNET_ITEM)  # the pipeline's artifact folder
+    if os.path.exists(os.path.join(path, artifact_lib.SUPERNET_MANIFEST)):
+        path = os.path.join(path, artifact_lib.SUPERNET_ITEM)  # the pipeline's artifact folder
     steps = [int(name) for name in os.listdir(path) if name.isdigit()]
     if steps:
         path = os.path.join(path, str(max(steps)))

@@ -30,6 +30,7 @@ from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import sharding as sharding_lib
+from dna_jax.errors import NonFiniteLossError
 from dna_jax.models import cpu_conv, zoo
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.layers import LayerConfig
@@ -38,14 +39,7 @@ from dna_jax.netspec import NetworkSpec
 Batch = dict[str, jax.Array]
 FIGURES_FILE = "figures.json"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 TRAIN_SUMMARY_FILE = "train_summary.json"  # train_loss / accuracy at each checkpointed step
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss or the state became NaN or infinite; the message names the step and
-    the last good (finite) checkpoint, from which a rerun with a fixed config resumes."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,10 +2,9 @@
 
 ONE whole-network supernet (`models/single_path.py`) is trained on the labels; every step
 samples a uniform random path (each searchable layer uniform over its legal ops, from a key
-folded in from the step) and trains only that path. As in the DNA distillation
-(`dna_jax.distill`), ops off the path must not move: every op of every layer keeps its own
-optimizer state (`distill.op_groups`), and its parameter and optimizer-state updates are
-skipped (`lax.cond`) unless it is on the path; the learning rate follows the global step.
+folded in from the step) and trains only that path. Path sampling and the masked per-op
+update are the supernet kit's (`dna_jax.supernet`), as in DNA: ops off the path keep their
+parameters and optimizer state; the learning rate follows the global step.
 
 An architecture is then rated by its validation accuracy as a path of the trained supernet,
 with its BatchNorm statistics recalibrated for that path first (one training-mode forward pass
@@ -32,13 +31,15 @@ from jax.sharding import Mesh
 
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
-from dna_jax import distill as distill_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import sharding as sharding_lib
+from dna_jax.errors import NonFiniteLossError
 from dna_jax.models import cpu_conv
 from dna_jax.models.single_path import SinglePathSupernet, branch_table, paths_array
 from dna_jax.space import Arch, SearchSpace
+from dna_jax.supernet import paths as paths_lib
+from dna_jax.supernet import update as update_lib
 
 PyTree = Any
 
@@ -68,26 +69,7 @@ class SposState:
     step: jax.Array
     params: PyTree
     batch_stats: PyTree
-    opt_state: PyTree  # {op group name: optimizer state} (distill.op_groups)
-
-
-def _sample_branches(rng: jax.Array, step: jax.Array, table: Sequence[Sequence[int]]
-                     ) -> jax.Array:
-    """Uniform branch position of every layer: int32 [num_layers]."""
-    key = jax.random.fold_in(rng, step)
-    out = []
-    for i, choices in enumerate(table):
-        if len(choices) == 1:
-            out.append(jnp.zeros((), jnp.int32))
-        else:
-            out.append(jax.random.randint(jax.random.fold_in(key, i), (), 0, len(choices),
-                                          jnp.int32))
-    return jnp.stack(out)
-
-
-def _branches_to_ops(branches: jax.Array, table: Sequence[Sequence[int]]) -> jax.Array:
-    return jnp.stack([jnp.asarray(np.asarray(c, np.int32))[branches[i]]
-                      for i, c in enumerate(table)])
+    opt_state: PyTree  # {op group name: optimizer state} (supernet.paths.op_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,37 +91,16 @@ class SposTrainer:
         path = jnp.asarray([c[0] for c in self.table], jnp.int32)
         variables = self.model.init({"params": key, "dropout": key}, images, path, train=False)
         params = variables["params"]
-        opt_state = {g: self.optimizer.init(p) for g, p in distill_lib.op_groups(params).items()}
+        opt_state = update_lib.init_op_states(self.optimizer, params)
         return SposState(step=jnp.zeros((), jnp.int32), params=params,
                          batch_stats=variables.get("batch_stats", {}), opt_state=opt_state)
-
-    def _masked_update(self, params, grads, opt_state, branches, lr):
-        """Per-op-group update; groups of ops off the path keep params and state."""
-        param_groups, grad_groups = distill_lib.op_groups(params), distill_lib.op_groups(grads)
-        new_params, new_opt = {}, {}
-        for group, group_params in param_groups.items():
-
-            def update(operands):
-                p, g, s = operands
-                updates, s = self.optimizer.update(g, s, p)
-                return jax.tree.map(lambda w, u: w + (lr * u).astype(w.dtype), p, updates), s
-
-            operands = (group_params, grad_groups[group], opt_state[group])
-            where = distill_lib.group_branch(group)
-            if where is None or len(self.table[where[0]]) == 1:
-                new_params[group], new_opt[group] = update(operands)
-            else:
-                layer, branch = where
-                new_params[group], new_opt[group] = jax.lax.cond(
-                    branches[layer] == branch, update, lambda o: (o[0], o[2]), operands)
-        return distill_lib.merge_groups(new_params), new_opt
 
     def train_step(self, state: SposState, batch: dict[str, jax.Array], rng: jax.Array
                    ) -> tuple[SposState, dict[str, jax.Array]]:
         """One step on one uniformly sampled path (pure)."""
         apply = cpu_conv.with_tap_convs(self.model.apply, self.conv_impl)
-        branches = _sample_branches(rng, state.step, self.table)
-        path = _branches_to_ops(branches, self.table)
+        branches = paths_lib.sample_network_path(self.table, rng, state.step)
+        path = paths_lib.branches_to_ops(self.table, branches)
         dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), 1 << 20)
 
         def loss_fn(params):
@@ -153,8 +114,8 @@ class SposTrainer:
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         lr = self.schedule(state.step)
-        params, opt_state = self._masked_update(state.params, grads, state.opt_state,
-                                                branches, lr)
+        params, opt_state = update_lib.masked_block_update(
+            self.optimizer, self.table, state.params, grads, state.opt_state, branches, lr)
         new_state = SposState(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
         return new_state, {"loss": loss, "learning_rate": lr,
@@ -236,7 +197,7 @@ def train_supernet(trainer: SposTrainer, train_data: data_lib.Dataset, total_ste
                 if step % max(1, cfg.log_every_steps) == 0 or step == total_steps:
                     values = np.asarray(jax.device_get(pending), np.float64)
                     if not np.all(np.isfinite(values)):
-                        raise retrain_lib.NonFiniteLossError(
+                        raise NonFiniteLossError(
                             f"spos: non-finite training loss before step {step}")
                     losses.append(float(values.mean()))
                     logging.info("spos step %d/%d: train loss %.4f", step, total_steps,

@@ -17,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dna_jax import distill, sharding  # noqa: E402
+from dna_jax.supernet import loop as loop_lib  # noqa: E402
 from dna_jax.models import zoo  # noqa: E402
 from dna_jax.models.initialize import init_variables  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
     config.space = "tiny"
     config.learning_rates = (0.005,)
     distiller = distill.make_distiller(config, teacher, steps_per_epoch=10)
-    state = distill.init_state(distiller, 0, (16, 16, 3), mesh)
+    state = loop_lib.init_state(distiller, 0, (16, 16, 3), mesh)
     step = distiller.jit_train_step(mesh)
     images = np.random.default_rng(0).standard_normal(
         (STEPS, GLOBAL_BATCH, 16, 16, 3)).astype(np.float32)

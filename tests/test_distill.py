@@ -22,12 +22,14 @@ import pytest
 from dna_jax import data as data_lib
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import distill, sharding
+from dna_jax.errors import NonFiniteLossError
 from dna_jax.checkpoint import Checkpointer
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
 from dna_jax.netspec import LayerSpec, NetworkSpec
 from dna_jax.space import Arch, BlockSpec, OpSpec, SearchSpace, get_space
+from dna_jax.supernet import artifact, loop, paths
 
 SIZE, BATCH, STEPS = 16, 8, 3
 
@@ -109,8 +111,8 @@ def run_steps(distiller, mesh, phase, state, teacher_variables, images):
     return state, metrics
 
 
-def all_phase(distiller) -> distill.Phase:
-    return distill.Phase(tuple(range(distiller.num_blocks)), 0, STEPS)
+def all_phase(distiller) -> loop.Phase:
+    return loop.Phase(tuple(range(distiller.num_blocks)), 0, STEPS)
 
 
 def test_fixed_path_equals_child_network_layers(tiny):
@@ -145,7 +147,7 @@ def test_fixed_path_equals_child_network_layers(tiny):
 
 def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
     distiller, mesh = tiny_distiller(tiny), tiny["mesh"]
-    state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+    state = loop.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
     before = jax.device_get((state.params, state.opt_state))
     state, metrics = run_steps(distiller, mesh, all_phase(distiller), state,
                                tiny["teacher_variables"], host_images(tiny, STEPS))
@@ -153,9 +155,9 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
     unchanged = changed = 0
     for k, name in enumerate(distiller.names):
         sampled = {(l, int(b)) for m in metrics for l, b in enumerate(m["branches"][name])}
-        for group in distill.op_groups(before[0][name]):
-            where = distill.group_branch(group)
-            trees = [distill.op_groups(p[name])[group] for p in (before[0], after[0])]
+        for group in paths.op_groups(before[0][name]):
+            where = paths.group_branch(group)
+            trees = [paths.op_groups(p[name])[group] for p in (before[0], after[0])]
             trees += [o[name][group] for o in (before[1], after[1])]
             same = [all(np.array_equal(a, b) for a, b in
                         zip(jax.tree.leaves(trees[i]), jax.tree.leaves(trees[i + 1])))
@@ -172,10 +174,10 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
 def test_all_blocks_step_equals_each_block_trained_alone(tiny):
     distiller, mesh, tv = tiny_distiller(tiny), tiny["mesh"], tiny["teacher_variables"]
     images = host_images(tiny, 2)
-    init = lambda: distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+    init = lambda: loop.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
     together, m_all = run_steps(distiller, mesh, all_phase(distiller), init(), tv, images)
     start = init()
-    for phase in distill.make_phases("sequential", distiller.num_blocks, STEPS):
+    for phase in loop.make_phases("sequential", distiller.num_blocks, STEPS):
         (k,) = phase.active
         at_start = jax.device_put(jnp.int32(phase.start), sharding.replicated(mesh))
         alone, m_k = run_steps(distiller, mesh, phase, init().replace(step=at_start), tv, images)
@@ -200,7 +202,7 @@ def test_four_devices_match_one_device(tiny):
     meshes = (tiny["mesh"], sharding.make_mesh(devices=jax.devices()[:1]))
     assert meshes[0].devices.size == 4 and meshes[1].devices.size == 1
     for mesh in meshes:
-        state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+        state = loop.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
         state, m = run_steps(distiller, mesh, all_phase(distiller), state, tv, images[:1])
         states.append(jax.device_get(state.variables()))
         metrics.append(m)
@@ -285,7 +287,7 @@ def test_distillation_halves_every_blocks_validation_loss(tiny, tmp_path):
     assert all(r <= 0.5 for r in figures["val_loss_ratio"]), figures["val_history"]
     assert figures["images_per_s"] > 0 and figures["steps"] == 300
     assert all(np.isfinite(figures["train_loss_final"]))
-    assert os.path.exists(tmp_path / distill.FIGURES_FILE)
+    assert os.path.exists(tmp_path / loop.FIGURES_FILE)
     assert set(variables) == {"block0", "block1"}
 
 
@@ -298,7 +300,7 @@ def test_nan_loss_stops_naming_the_block_and_step(tiny, tmp_path):
     poisoned = jax.tree.map(np.array, tiny["teacher_variables"])
     poisoned["batch_stats"]["blocks_2"]["conv_pwl"]["bn"]["mean"][:] = np.nan
     config.num_steps = 4
-    with pytest.raises(distill.NonFiniteLossError, match=r"block 1 .* at step 3.*step 2"):
+    with pytest.raises(NonFiniteLossError, match=r"block 1 .* at step 3.*step 2"):
         distill.train_supernet(config, args[0], poisoned, *args[2:])
     assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
 
@@ -311,14 +313,14 @@ def test_nonfinite_supernet_is_never_checkpointed_and_a_fixed_rerun_resumes(tiny
             tiny["mesh"], TINY_SPACE)
     distill.train_supernet(tiny_config(num_steps=2, checkpoint_every_steps=1), *args)
     bad = tiny_config(num_steps=4, checkpoint_every_steps=1, learning_rates=(1e39,))
-    with pytest.raises(distill.NonFiniteLossError, match="non-finite at step 3") as error:
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 3") as error:
         distill.train_supernet(bad, *args)
     assert "The last good checkpoint is step 2" in str(error.value)
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpointer.latest_step() == 2
-    state = distill.init_state(tiny_distiller(tiny), 42, tiny["train"].info.image_shape,
+    state = loop.init_state(tiny_distiller(tiny), 42, tiny["train"].info.image_shape,
                                tiny["mesh"])
-    restored = checkpointer.restore(distill._checkpoint_tree(state), 2)
+    restored = checkpointer.restore(loop.checkpoint_tree(state), 2)
     checkpointer.close()
     assert checkpoint_lib.nonfinite_leaves(restored)[0] == []
     _, figures = distill.train_supernet(tiny_config(num_steps=4, checkpoint_every_steps=1),
@@ -334,9 +336,9 @@ def test_sequential_schedule_trains_one_block_at_a_time(tiny, tmp_path):
         str(tmp_path), tiny["mesh"], TINY_SPACE)
     assert figures["steps"] == 2 * STEPS and figures["schedule"] == "sequential"
     distiller = tiny_distiller(tiny)
-    fresh = distill.init_state(distiller, config.seed, (SIZE, SIZE, 3), tiny["mesh"])
+    fresh = loop.init_state(distiller, config.seed, (SIZE, SIZE, 3), tiny["mesh"])
     with Checkpointer(str(tmp_path / "checkpoints")) as checkpointer:
-        middle = checkpointer.restore(distill._checkpoint_tree(fresh), STEPS)
+        middle = checkpointer.restore(loop.checkpoint_tree(fresh), STEPS)
     same = lambda a, b: all(np.array_equal(x, y) for x, y in
                             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert not same(middle.params["block0"], fresh.params["block0"])
@@ -373,24 +375,24 @@ def test_bad_per_block_lists_and_unaligned_spaces(tiny):
 
 def test_save_and_load_supernet(tiny, tmp_path):
     distiller = tiny_distiller(tiny)
-    state = distill.init_state(distiller, 0, (SIZE, SIZE, 3), tiny["mesh"])
+    state = loop.init_state(distiller, 0, (SIZE, SIZE, 3), tiny["mesh"])
     variables = jax.device_get(state.variables())
     directory = str(tmp_path / "supernet")
-    distill.save_supernet(directory, variables)
-    distill.save_supernet(directory, variables)  # Replacing an artifact is atomic too.
+    artifact.save_supernet(directory, variables)
+    artifact.save_supernet(directory, variables)  # Replacing an artifact is atomic too.
     assert not os.path.exists(directory + ".tmp")
-    loaded = distill.load_supernet(directory, distiller)
+    loaded = artifact.load_supernet(directory, distiller)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
         assert np.array_equal(a, b)
-    with pytest.raises(distill.SupernetCheckpointError, match="no supernet"):
-        distill.load_supernet(str(tmp_path / "missing"), distiller)
+    with pytest.raises(artifact.SupernetCheckpointError, match="no supernet"):
+        artifact.load_supernet(str(tmp_path / "missing"), distiller)
     other = dict(variables, block1=variables["block0"])
-    with pytest.raises(distill.SupernetCheckpointError, match="does not match.*block1"):
-        distill.load_supernet(directory, other)
+    with pytest.raises(artifact.SupernetCheckpointError, match="does not match.*block1"):
+        artifact.load_supernet(directory, other)
     import shutil
-    shutil.rmtree(os.path.join(directory, distill.SUPERNET_ITEM))
-    with pytest.raises(distill.SupernetCheckpointError, match="cannot be restored"):
-        distill.load_supernet(directory, distiller)
+    shutil.rmtree(os.path.join(directory, artifact.SUPERNET_ITEM))
+    with pytest.raises(artifact.SupernetCheckpointError, match="cannot be restored"):
+        artifact.load_supernet(directory, distiller)
 
 
 @pytest.mark.slow

@@ -240,6 +240,7 @@ def test_supernet_checkpoint_layouts(exported, tmp_path):
 
 def test_cli_supernet_folders_and_unwritable_out(exported, tmp_path, capsys, monkeypatch):
     from dna_jax import distill, teacher
+    from dna_jax.supernet import artifact as artifact_lib
     space, _, supernet, _, winner = exported
     monkeypatch.setitem(sp.PRESETS, space.name, tiny_space)
     arch = os.path.join(winner, E.ARCH_FILE)
@@ -247,8 +248,8 @@ def test_cli_supernet_folders_and_unwritable_out(exported, tmp_path, capsys, mon
               "--resolution", str(RES)]
     # The pipeline's artifact folder (<workdir>/distill/supernet) and its variables/ both work.
     artifact = str(tmp_path / "W" / "distill" / "supernet")
-    distill.save_supernet(artifact, jax.device_get(supernet))
-    for folder in (artifact, os.path.join(artifact, distill.SUPERNET_ITEM)):
+    artifact_lib.save_supernet(artifact, jax.device_get(supernet))
+    for folder in (artifact, os.path.join(artifact, artifact_lib.SUPERNET_ITEM)):
         _, figures = run_cli(capsys, *common, "--out", str(tmp_path / "out"), "--supernet",
                              folder)
         assert figures["from_supernet"] and figures["inherited_leaves"] > 0

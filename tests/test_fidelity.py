@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from dna_jax import artifacts, config_files, costs as costs_lib, distill, fidelity
+from dna_jax import artifacts, config_files, costs as costs_lib, fidelity
 from dna_jax import ground_truth, rate as rate_lib, ranking_stats
 from dna_jax.models import zoo
 from dna_jax.netspec import LayerSpec, NetworkSpec
 from dna_jax.space import Arch, align_space, get_space
+from dna_jax.supernet import paths, update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GT_CONFIG = os.path.join(REPO, "configs", "fmnist28_ground_truth.py")
@@ -174,7 +175,7 @@ def test_constant_predictor_baseline_and_unfit_warning(caplog):
 
 def test_weight_decay_skips_one_dimensional_parameters():
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    optimizer = distill.make_optimizer("sgd", weight_decay=0.5)
+    optimizer = update.make_optimizer("sgd", weight_decay=0.5)
     params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "bias": jnp.ones((2,))}
     zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
@@ -183,10 +184,10 @@ def test_weight_decay_skips_one_dimensional_parameters():
 
 
 def test_updates_per_op_counts_choices_per_layer():
-    out = distill.updates_per_op(get_space("fmnist28"), 700)
+    out = paths.updates_per_op(get_space("fmnist28"), 700)
     # First layer 6 ops, the others 6 + skip: (700/6 + 2 * 700/7) / 3.
     assert out["block0"] == pytest.approx((700 / 6 + 2 * 100) / 3)
-    assert distill.updates_per_op(get_space("small"), 600)["block0"] == pytest.approx(100)
+    assert paths.updates_per_op(get_space("small"), 600)["block0"] == pytest.approx(100)
 
 
 # ---- the comparison ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dna_jax import ranking, ranking_stats, spos
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.single_path import SinglePathSupernet, arch_path, child_variables
 from dna_jax.space import Arch, get_space
+from dna_jax.supernet import paths as paths_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_ranking.py")
@@ -184,7 +185,7 @@ def test_spos_step_moves_only_the_sampled_path():
     rng = jax.random.key(5)
     new_state, metrics = jax.jit(trainer.train_step)(state, batch, rng)
     assert np.isfinite(metrics["loss"])
-    branches = np.asarray(spos._sample_branches(rng, state.step, trainer.table))
+    branches = np.asarray(paths_lib.sample_network_path(trainer.table, rng, state.step))
     for i, choices in enumerate(trainer.table):
         for j in range(len(choices)):
             before = state.params[f"layers_{i}"][f"ops_{j}"]

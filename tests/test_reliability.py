@@ -361,14 +361,14 @@ def test_a_garbled_arch_json_is_named_with_the_fix(tmp_path):
 
 
 def test_a_damaged_supernet_of_a_finished_stage_says_to_remove_its_manifest(tmp_path):
-    from dna_jax import distill
+    from dna_jax.supernet import artifact
     supernet = tmp_path / "distill" / "supernet"
     os.makedirs(supernet)
-    (supernet / distill.SUPERNET_MANIFEST).write_text("{garbled")
+    (supernet / artifact.SUPERNET_MANIFEST).write_text("{garbled")
     (tmp_path / "distill" / artifacts.MANIFEST).write_text("{}")
-    with pytest.raises(distill.SupernetCheckpointError,
+    with pytest.raises(artifact.SupernetCheckpointError,
                        match=r"remove .*distill/manifest.json \(nothing else\) and rerun"):
-        distill.load_supernet(str(supernet), {"block0": {}})
+        artifact.load_supernet(str(supernet), {"block0": {}})
 
 
 class _Flag:  # stands for a parsed absl flag (config_flags cannot be parsed twice per process)

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from dna_jax import config_files, data as data_lib
-from dna_jax import supervision
-from dna_jax import distill, pipeline, rate, search, sharding, ssl
+from dna_jax import pipeline, rate, search, sharding, ssl, ssl_rating, ssl_train, supervision
 from dna_jax.data import views
 from dna_jax.netspec import LayerSpec
 from dna_jax.space import BlockSpec, OpSpec, SearchSpace, get_space
+from dna_jax.supernet import loop, paths as paths_lib, update
 
 SIZE, BATCH, PATHS, RUN_STEPS = 16, 16, 2, 40
 SPACE = SearchSpace(
@@ -87,13 +87,13 @@ def test_ensemble_target_is_the_mean_of_normalised_projections():
 
 def test_momentum_schedule_and_ema_update():
     total = 100
-    values = [float(ssl.momentum_schedule(0.99, s, total)) for s in (0, 50, 100, 150)]
+    values = [float(update.momentum_schedule(0.99, s, total)) for s in (0, 50, 100, 150)]
     np.testing.assert_allclose(values, [0.99, 0.995, 1.0, 1.0], rtol=0, atol=1e-6)
-    assert float(ssl.momentum_schedule(0.99, 25, total)) == pytest.approx(
+    assert float(update.momentum_schedule(0.99, 25, total)) == pytest.approx(
         1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2, abs=1e-6)
     target = {"w": jnp.asarray([1.0, 2.0])}
     online = {"w": jnp.asarray([3.0, 6.0])}
-    np.testing.assert_allclose(ssl.ema(target, online, 0.9)["w"], [1.2, 2.4], rtol=1e-6)
+    np.testing.assert_allclose(update.ema(target, online, 0.9)["w"], [1.2, 2.4], rtol=1e-6)
     # Masked EMA: only the ops on some path move toward the online weights.
     block_target = {"stem": {"k": jnp.ones(2)},
                     "layers_0": {"ops_0": {"k": jnp.ones(2)}, "ops_1": {"k": jnp.ones(2)},
@@ -101,7 +101,7 @@ def test_momentum_schedule_and_ema_update():
     block_online = jax.tree.map(lambda x: x + 1.0, block_target)
     table = [np.asarray([0, 1, 2])]
     paths = jnp.asarray([[0], [2]])  # two paths: ops 0 and 2 of layer 0
-    new = ssl.masked_ema(table, block_target, block_online, paths, jnp.float32(0.5))
+    new = update.masked_ema(table, block_target, block_online, paths, jnp.float32(0.5))
     np.testing.assert_array_equal(new["layers_0"]["ops_1"]["k"], [1.0, 1.0])
     for moved in (new["stem"], new["layers_0"]["ops_0"], new["layers_0"]["ops_2"]):
         np.testing.assert_allclose(moved["k"], [1.5, 1.5])
@@ -220,10 +220,10 @@ def test_pipeline_checks_dna_pp_configs(tmp_path):
 
 def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
     trainer, mesh = tiny["trainer"], tiny["mesh"]
-    state = ssl.init_state(trainer, 0, (SIZE, SIZE, 3), mesh)
+    state = loop.init_state(trainer, 0, (SIZE, SIZE, 3), mesh)
     phase = trainer.phases()[0]
-    step = ssl.compile_train_step(trainer, mesh, phase, state,
-                                  (BATCH, 2 * PATHS, SIZE, SIZE, 3))
+    step = ssl_train.compile_train_step(trainer, mesh, phase, state,
+                                        (BATCH, 2 * PATHS, SIZE, SIZE, 3))
     before = jax.device_get((state.params, state.opt_state, state.target_params))
     sampled = {name: set() for name in trainer.names}
     batches = tiny["train"].global_batches(0)
@@ -236,10 +236,10 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
     after = jax.device_get((state.params, state.opt_state, state.target_params))
     unchanged = changed = 0
     for name in trainer.names:
-        for group in distill.op_groups(before[0][name]["block"]):
-            where = distill.group_branch(group)
-            trees = [(distill.op_groups(p[name]["block"])[group], o[name][group],
-                      distill.op_groups(t[name]["block"])[group]) for p, o, t in (before, after)]
+        for group in paths_lib.op_groups(before[0][name]["block"]):
+            where = paths_lib.group_branch(group)
+            trees = [(paths_lib.op_groups(p[name]["block"])[group], o[name][group],
+                      paths_lib.op_groups(t[name]["block"])[group]) for p, o, t in (before, after)]
             same = [_leaves_equal(a, b) for a, b in zip(*trees)]
             if where is not None and where not in sampled[name]:
                 assert same == [True] * 3, f"{name} {group} moved without being sampled"
@@ -255,15 +255,15 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
 
 @pytest.mark.slow  # ~2 min on 2 shared cores: 40 steps of two blocks, 2 paths x 2 views each
 def test_tiny_ssl_run_lowers_loss_without_collapse(tiny, tmp_path):
-    state, chosen, figures = ssl.train_ssl_supernet(tiny["config"], tiny["train"],
-                                                    str(tmp_path), tiny["mesh"], SPACE)
+    state, chosen, figures = ssl_train.train_ssl_supernet(tiny["config"], tiny["train"],
+                                                          str(tmp_path), tiny["mesh"], SPACE)
     assert chosen == [] and figures["steps"] == RUN_STEPS
     for name, block in figures["blocks"].items():
         curve = [loss for _, loss in block["loss_curve"]]
         assert len(curve) == RUN_STEPS // 5
         assert np.mean(curve[-2:]) < 0.9 * np.mean(curve[:2]), (name, curve)
         assert block["output_std_final"] > 0.2, (name, block)  # not collapsed
-    with open(tmp_path / ssl.FIGURES_FILE) as f:
+    with open(tmp_path / loop.FIGURES_FILE) as f:
         assert json.load(f)["loss_final"] == figures["loss_final"]
     assert int(state.step) == RUN_STEPS
 
@@ -313,10 +313,10 @@ def _naive_ssl_scores(trainer, state, views_, recal, prefix, k):
 
 def test_ssl_rating_equals_naive_per_candidate_computation(tiny):
     trainer, mesh = tiny["trainer"], tiny["mesh"]
-    state = ssl.init_state(trainer, 0, (SIZE, SIZE, 3), mesh)
+    state = loop.init_state(trainer, 0, (SIZE, SIZE, 3), mesh)
     phase = trainer.phases()[0]
-    step = ssl.compile_train_step(trainer, mesh, phase, state,
-                                  (BATCH, 2 * PATHS, SIZE, SIZE, 3))
+    step = ssl_train.compile_train_step(trainer, mesh, phase, state,
+                                        (BATCH, 2 * PATHS, SIZE, SIZE, 3))
     batches = tiny["train"].global_batches(0)
     for _ in range(2):  # the target and online sides differ, BN statistics are non-trivial
         state, _ = step(state, next(batches)["views"], ())
@@ -326,13 +326,14 @@ def test_ssl_rating_equals_naive_per_candidate_computation(tiny):
     recal = rng.normal(size=(2, 6, SIZE, SIZE, 3)).astype(np.float32)
     config = rate.get_default_config()
     config.fast_compile = True
-    rating = ssl.rate_ssl_block(trainer, 1, state.supernet_variables(), state.ssl_variables(),
-                                rating_views, recal, config, [[1]], mesh=mesh)
+    rating = ssl_rating.rate_ssl_block(trainer, 1, state.supernet_variables(),
+                                       state.ssl_variables(), rating_views, recal, config, [[1]],
+                                       mesh=mesh)
     encodings, naive = _naive_ssl_scores(trainer, state, rating_views, recal, [[1]], 1)
     np.testing.assert_array_equal(rating.encodings, encodings)
     np.testing.assert_allclose(rating.batch_mse, naive, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rating.score, naive.mean(1), rtol=1e-4, atol=1e-4)
-    assert rating.rank_metric == ssl.SCORE_METRIC and len(set(np.round(rating.score, 5))) > 5
+    assert rating.rank_metric == ssl_rating.SCORE_METRIC and len(set(np.round(rating.score, 5))) > 5
     assert np.all(rating.metrics["output_std"] > 0)
     # Sharing: 3 + 9 op applications per walk for 9 candidates of 2 layers.
     assert rating.info["trie_nodes"] == 12 and rating.info["naive_op_applications"] == 18

@@ -14,15 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from dna_jax.compile_options import compile_lowered
 
 
 def init_variables(module: nn.Module, rngs: Any, *args, **kwargs) -> dict:
     """`module.init(rngs, *args, **kwargs)`, jitted with cheap compiler options."""
     init = jax.jit(functools.partial(module.init, **kwargs))
-    lowered = init.lower(rngs, *args)
-    try:
-        compiled = lowered.compile(compiler_options=_FAST_COMPILE)
-    except Exception:  # pylint: disable=broad-except  # a backend without these options
-        compiled = lowered.compile()
-    return compiled(rngs, *args)
+    return compile_lowered(init.lower(rngs, *args))(rngs, *args)

@@ -13,7 +13,7 @@ layout, and the two agree (tests/test_ranking.py).
 
 Variables: params['stem'], ['first'], ['layers_<i>']['ops_<j>'] (branch j of searchable layer
 i, counted over all blocks), ['head'], ['classifier'] (same for batch_stats), so
-`dna_jax.distill.op_groups` splits them into per-op optimizer groups.
+`dna_jax.supernet.paths.op_groups` splits them into per-op optimizer groups.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dna_jax.compile_options import FAST_COMPILE
 from dna_jax.models import cpu_conv
 from dna_jax.models.supernet import SupernetBlock
 from dna_jax.rate.config import check_config, get_default_config
@@ -24,7 +25,6 @@ from dna_jax.rate.scores import TEACHER_ERRORS, LeafReduction, as_batches, finis
 from dna_jax.rating_table import BlockRating
 
 PyTree = Any
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _RATER_IDS = itertools.count()
 _SHARED_FUNCTIONS: dict[tuple, tuple[dict, collections.Counter, int]] = {}
 
@@ -398,7 +398,7 @@ class BlockRater:
                 counted = chex.assert_max_traces(counted, n=self.config.max_traces)
             mapped = jax.shard_map(counted, mesh=self.mesh, in_specs=in_specs,
                                    out_specs=out_specs)
-            options = _FAST_COMPILE if self.config.fast_compile else None
+            options = FAST_COMPILE if self.config.fast_compile else None
             self._functions[key] = jax.jit(mapped, compiler_options=options)
         return self._functions[key]
 

@@ -33,6 +33,7 @@ from dna_jax import validate as validate_lib
 from dna_jax.models import zoo
 from dna_jax.space import SearchSpace, align_space, get_space
 from dna_jax.stage_context import Context, StageError
+from dna_jax.supernet import artifact as artifact_lib
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def run_distill(ctx: Context) -> dict[str, Any]:
     supernet, figures = distill_lib.train_supernet(
         cfg.distill, module, variables, train_data, val_data, ctx.stage_dir("distill"),
         mesh=ctx.mesh, space=ctx.space)
-    distill_lib.save_supernet(supernet_dir(ctx), supernet)
+    artifact_lib.save_supernet(supernet_dir(ctx), supernet)
     ctx.cache["supernet"] = supernet
     return figures
 
@@ -149,8 +150,8 @@ def distiller(ctx: Context) -> distill_lib.Distiller:
 
 def load_supernet(ctx: Context) -> dict[str, Any]:
     if "supernet" not in ctx.cache:
-        ctx.cache["supernet"] = distill_lib.load_supernet(supernet_dir(ctx), distiller(ctx),
-                                                         mesh=ctx.mesh)
+        ctx.cache["supernet"] = artifact_lib.load_supernet(supernet_dir(ctx), distiller(ctx),
+                                                          mesh=ctx.mesh)
     return ctx.cache["supernet"]
 
 

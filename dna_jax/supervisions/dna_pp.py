@@ -19,6 +19,8 @@ import numpy as np
 
 from dna_jax import metrics as metrics_lib
 from dna_jax import ssl as ssl_lib
+from dna_jax import ssl_rating as ssl_rating_lib
+from dna_jax import ssl_train as ssl_train_lib
 from dna_jax import supervision
 from dna_jax import validate as validate_lib
 from dna_jax.data import views as views_lib
@@ -63,11 +65,11 @@ def run_ssl(ctx: Context) -> dict[str, Any]:
     rate_block = None
     if cfg.ssl.schedule == "sequential":
         views, recal = rating_views(ctx)
-        rate_block = ssl_lib.make_block_rater(views, recal, cfg.rate, ctx.mesh,
+        rate_block = ssl_rating_lib.make_block_rater(views, recal, cfg.rate, ctx.mesh,
                                               os.path.join(stage_dir, "ratings"))
-    state, _, figures = ssl_lib.train_ssl_supernet(cfg.ssl, train_data, stage_dir, ctx.mesh,
-                                                   ctx.space, rate_block)
-    ssl_lib.save_ssl_artifact(stage_dir, state)
+    state, _, figures = ssl_train_lib.train_ssl_supernet(cfg.ssl, train_data, stage_dir,
+                                                         ctx.mesh, ctx.space, rate_block)
+    ssl_train_lib.save_ssl_artifact(stage_dir, state)
     ctx.cache["ssl"] = (state.supernet_variables(), state.ssl_variables())
     figures["num_classes"] = int(train_data.info.num_classes)
     return figures
@@ -76,8 +78,8 @@ def run_ssl(ctx: Context) -> dict[str, Any]:
 def load_ssl(ctx: Context) -> tuple[dict, dict]:
     """(supernet variables, ssl variables) of the ssl stage, loaded once per run."""
     if "ssl" not in ctx.cache:
-        ctx.cache["ssl"] = ssl_lib.load_ssl_artifact(ctx.stage_dir("ssl"), trainer(ctx),
-                                                     mesh=ctx.mesh)
+        ctx.cache["ssl"] = ssl_train_lib.load_ssl_artifact(ctx.stage_dir("ssl"), trainer(ctx),
+                                                           mesh=ctx.mesh)
     return ctx.cache["ssl"]
 
 
@@ -88,9 +90,9 @@ def run_rate(ctx: Context) -> dict[str, Any]:
     supernet, ssl_variables = load_ssl(ctx)
     views, recal = rating_views(ctx)
     watch = metrics_lib.Stopwatch()
-    paths, chosen = ssl_lib.rate_ssl_blocks(trainer(ctx), supernet, ssl_variables, views,
-                                            recal, ctx.config.rate, ctx.stage_dir("rate"),
-                                            ctx.mesh)
+    paths, chosen = ssl_rating_lib.rate_ssl_blocks(trainer(ctx), supernet, ssl_variables,
+                                                   views, recal, ctx.config.rate,
+                                                   ctx.stage_dir("rate"), ctx.mesh)
     blocks = stages.rating_summaries(ctx, paths)
     trained_with = ctx.figures("ssl").get("chosen_paths") or []
     return {"blocks": blocks, "candidates": sum(b["candidates"] for b in blocks.values()),
