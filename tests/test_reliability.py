@@ -371,6 +371,32 @@ def test_a_damaged_supernet_of_a_finished_stage_says_to_remove_its_manifest(tmp_
         artifact.load_supernet(str(supernet), {"block0": {}})
 
 
+def test_a_flipped_byte_in_the_supernet_is_named_with_the_fix(tmp_path):
+    import glob
+
+    import numpy as np
+
+    from dna_jax.supernet import artifact
+    variables = {"block0": {"params": {"w": np.arange(4096, dtype=np.float32)}}}
+    supernet = str(tmp_path / "distill" / "supernet")
+    artifact.save_supernet(supernet, variables)
+    (tmp_path / "distill" / artifacts.MANIFEST).write_text("{}")
+    restored = artifact.load_supernet(supernet, variables)
+    np.testing.assert_array_equal(restored["block0"]["params"]["w"],
+                                  variables["block0"]["params"]["w"])
+    data = max((p for p in glob.glob(os.path.join(supernet, "variables", "**", "*"),
+                                      recursive=True) if os.path.isfile(p)), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(artifact.SupernetCheckpointError,
+                       match=r"variables is corrupt: .*SHA-256.*remove .*distill/manifest.json "
+                             r"\(nothing else\) and rerun"):
+        artifact.load_supernet(supernet, variables)
+
+
 class _Flag:  # stands for a parsed absl flag (config_flags cannot be parsed twice per process)
     def __init__(self, value):
         self.value = value

@@ -1,6 +1,7 @@
 """The supernet artifact: variables {'block<k>': {'params', 'batch_stats'}} (Orbax) and a
-shape manifest, so a later stage that expects another space or teacher fails loudly, naming
-the differences, instead of restoring into the wrong shapes.
+manifest of their shapes and of the SHA-256 of every file, so a later stage that expects
+another space or teacher fails loudly, naming the differences, instead of restoring into the
+wrong shapes, and a changed byte is caught before it becomes a rating (dna_jax.integrity).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dna_jax import integrity
+from dna_jax import multihost
 
 PyTree = Any
 
@@ -40,21 +44,24 @@ def save_supernet(directory: str, variables: dict) -> None:
     """
     directory = os.path.abspath(directory)
     tmp, old = directory + ".tmp", directory + ".old"
-    if jax.process_index() == 0:
+    if multihost.is_writer():
         for path in (tmp, old):
             shutil.rmtree(path, ignore_errors=True)
+    multihost.barrier("supernet staging cleared")  # nobody saves into a folder being removed
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, SUPERNET_ITEM), variables)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    if jax.process_index() != 0:
-        return
-    with open(os.path.join(tmp, SUPERNET_MANIFEST), "w") as f:
-        json.dump({"format": "dna_jax.supernet/1", "shapes": _flat_shapes(variables)}, f)
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    if multihost.is_writer():
+        with open(os.path.join(tmp, SUPERNET_MANIFEST), "w") as f:
+            json.dump({"format": "dna_jax.supernet/1", "shapes": _flat_shapes(variables),
+                       "checksums": integrity.tree_checksums(os.path.join(tmp, SUPERNET_ITEM))},
+                      f)
+        if os.path.exists(directory):
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost.barrier("supernet saved")
 
 
 def _shape_differences(found: dict[str, list], expected: dict[str, list]) -> list[str]:
@@ -101,7 +108,8 @@ def load_supernet(directory: str, distiller_or_abstract: Any, mesh: Mesh | None 
             "or point to its output directory")
     try:
         with open(manifest_path) as f:
-            found = json.load(f)["shapes"]
+            manifest = json.load(f)
+        found = manifest["shapes"]
     except (OSError, ValueError, KeyError) as error:
         raise SupernetCheckpointError(f"{manifest_path} is corrupt ({error}); "
                                       + _redo_hint(directory)) from error
@@ -111,6 +119,11 @@ def load_supernet(directory: str, distiller_or_abstract: Any, mesh: Mesh | None 
             f"the supernet in {directory} does not match the expected space/teacher: "
             + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5
                                          else ""))
+    try:
+        integrity.verify(os.path.join(directory, SUPERNET_ITEM), manifest.get("checksums"),
+                         "the supernet's variables")
+    except integrity.IntegrityError as error:
+        raise SupernetCheckpointError(f"{error}; " + _redo_hint(directory)) from error
     sharding = (NamedSharding(mesh, P()) if mesh is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
