@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dna_jax import artifacts, costs, rating_table
+from dna_jax import artifacts, costs, multihost, rating_table
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
@@ -277,22 +277,26 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
     if supernet_variables is not None:
         variables, report = inherit_supernet_weights(space, arch, variables, supernet_variables)
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        os.remove(summary_path)  # the old export is incomplete from here on
-    _save_variables(os.path.join(out_dir, VARIABLES_DIR), variables)
-    artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch.to_json(space) + "\n")
-    artifacts.write_json(os.path.join(out_dir, INHERITANCE_FILE), report)
+    if multihost.is_writer():  # small files: process 0 (dna_jax.multihost)
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(summary_path):
+            os.remove(summary_path)  # the old export is incomplete from here on
+    multihost.barrier("export: the old summary removed")
+    _save_variables(os.path.join(out_dir, VARIABLES_DIR), variables)  # every process (Orbax)
     summary = _summary(space, arch, module.spec, variables, report, num_classes, resolution,
                        seed, layer_config, result, supernet_variables is not None)
-    artifacts.write_json(summary_path, summary)
+    if multihost.is_writer():
+        artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch.to_json(space) + "\n")
+        artifacts.write_json(os.path.join(out_dir, INHERITANCE_FILE), report)
+        artifacts.write_json(summary_path, summary)
+    multihost.barrier("export written")
     return summary
 
 
 def _save_variables(path: str, variables: PyTree) -> None:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, jax.device_get(variables), force=True)
+    checkpointer.save(path, multihost.replicated_to_host(variables), force=True)
     checkpointer.wait_until_finished()
     checkpointer.close()
 

@@ -11,7 +11,7 @@ In a single process every function is a no-op or the identity.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -38,3 +38,13 @@ def agree(choice: T, options: Sequence[T]) -> T:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     index = int(multihost_utils.broadcast_one_to_all(np.int32(list(options).index(choice))))
     return options[index]
+
+
+def replicated_to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of REPLICATED arrays (a trained state's variables), on every
+    process: each reads its own local copy (jax.device_get refuses arrays that span hosts)."""
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)

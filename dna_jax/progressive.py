@@ -253,10 +253,9 @@ def _check_previous_network(checkpoint: str, r: int) -> None:
     if not os.path.exists(os.path.join(checkpoint, "teacher.json")):
         raise pipeline.StageError(
             f"round {r}'s teacher {checkpoint} is missing although round {r - 1} is complete "
-            f"(round {r - 1}'s retrain stage was made by an older dna_jax, or by a "
-            f"multi-process run, which does not write retrain/{pipeline.RETRAINED_NETWORK}): "
-            f"move round_{r - 1}/retrain and round_{r - 1}/report aside and run again, in one "
-            "process, to retrain it")
+            f"(round {r - 1}'s retrain stage was made by an older dna_jax, which did not "
+            f"write retrain/{pipeline.RETRAINED_NETWORK} in multi-process runs): move "
+            f"round_{r - 1}/retrain and round_{r - 1}/report aside and run again to retrain it")
 
 
 def plot_progress(rows: Sequence[dict[str, Any]], path: str) -> None:

@@ -12,14 +12,13 @@ What differs between kinds is asked of `ctx.kind`: the number of classes, the co
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Sequence
 
-import jax
 
 from dna_jax import artifacts
 from dna_jax import metrics as metrics_lib
+from dna_jax import multihost
 from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
 from dna_jax import search as search_lib
@@ -171,14 +170,15 @@ def scale_network_spec(spec, width_multiplier: float, depth_multiplier: float):
 
 def save_retrained_network(ctx: Context, module, variables, image_size: int) -> None:
     """retrain/network: the retrained winner as a teacher checkpoint (architecture stored),
-    the next DNA+ round's teacher; single-process runs only (like the trained teacher)."""
-    if jax.process_count() > 1:
-        logging.warning("retrain: %s is not written in multi-process runs", RETRAINED_NETWORK)
-        return
+    the next DNA+ round's teacher; written by process 0 (like the trained teacher)."""
     spec = dataclasses.replace(module.spec, name=RETRAINED_NETWORK_NAME)
-    teacher_lib.save_teacher(
-        os.path.join(ctx.stage_dir("retrain"), RETRAINED_NETWORK), spec.name,
-        jax.device_get(variables), int(module.num_classes),
-        source={"trained_by": "dna_jax.pipeline retrain", "config_hash": ctx.digests["retrain"]},
-        preprocessing={"resolution": image_size}, overwrite=True, spec=spec,
-        layer_config=module.layer_config)
+    host_variables = multihost.replicated_to_host(variables)
+    if stage_context.is_main_process():
+        teacher_lib.save_teacher(
+            os.path.join(ctx.stage_dir("retrain"), RETRAINED_NETWORK), spec.name,
+            host_variables, int(module.num_classes),
+            source={"trained_by": "dna_jax.pipeline retrain",
+                    "config_hash": ctx.digests["retrain"]},
+            preprocessing={"resolution": image_size}, overwrite=True, spec=spec,
+            layer_config=module.layer_config)
+    multihost.barrier("retrained network saved")

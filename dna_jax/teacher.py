@@ -134,8 +134,10 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
     """Writes a teacher checkpoint after checking `variables` against the zoo network.
 
     The directory is assembled under a temporary name beside `directory` and renamed into
-    place, so a killed run never leaves a half-written teacher behind. Single-process only
-    (conversion is an offline step).
+    place, so a killed run never leaves a half-written teacher behind. In a multi-process run
+    only the calling process writes (its own Orbax checkpointer, the others are not involved):
+    call it from process 0 with host (numpy) variables, then pass a barrier before any
+    process loads it.
 
     Args:
       directory: the checkpoint directory to create.
@@ -156,9 +158,6 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
       FileExistsError: `directory` exists and `overwrite` is False.
       TeacherCheckpointError: `variables` do not fit the network.
     """
-    if jax.process_count() > 1:
-        raise NotImplementedError("save_teacher writes from one process; save a multi-host "
-                                  "teacher with jax.device_get'd variables in a single process")
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"teacher checkpoint {directory} already exists (pass overwrite)")
@@ -188,7 +187,9 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
             checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         # What load_teacher verifies first: a flipped byte restores into finite nonsense.
         metadata["checksums"] = integrity.tree_checksums(os.path.join(staging, VARIABLES_DIR))

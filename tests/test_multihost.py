@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_worker.py")
@@ -47,3 +48,41 @@ def test_two_processes_see_the_single_process_loss(tmp_path):
         np.testing.assert_allclose(result["losses"], single["losses"], rtol=2e-5, atol=1e-7)
     # The step changed the weights: the second step's losses differ from the first's.
     assert not np.allclose(single["losses"][0], single["losses"][1])
+
+
+PIPELINE_WORKER = os.path.join(HERE, "multihost_pipeline_worker.py")
+REPO = os.path.dirname(HERE)
+
+
+def _run_pipeline(num_processes: int, config: str, workdir: str, tmp_path) -> list[dict]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    outs = [str(tmp_path / f"pipeline_p{num_processes}_{i}.json") for i in range(num_processes)]
+    procs = [subprocess.Popen([sys.executable, PIPELINE_WORKER, str(i), str(num_processes),
+                               str(port), config, workdir, outs[i]], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    logs = [p.communicate(timeout=1500)[0] for p in procs]
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+    return [json.load(open(o)) for o in outs]
+
+
+@pytest.mark.slow
+def test_the_tiny_dna_pipeline_runs_in_two_processes_on_one_workdir(tmp_path):
+    """Every stage (teacher training, distillation, rating, search, export, retraining,
+    report) in 2 processes on one shared workdir: both finish, agree, and a rerun skips."""
+    config = os.path.join(REPO, "configs", "fashion_mnist_dna.py") + ":tiny"
+    workdir = str(tmp_path / "shared")
+    pair = _run_pipeline(2, config, workdir, tmp_path)
+    assert [r["processes"] for r in pair] == [2, 2] and pair[0]["devices"] == 2
+    stages = ["teacher", "distill", "rate", "search", "retrain", "report"]
+    for result in pair:
+        assert result["figures"]["stages"] == {s: "ran" for s in stages}
+    first, second = (r["figures"] for r in pair)
+    for key in ("winner_accuracy", "winner_macs", "teacher_accuracy", "winner_block_strings"):
+        assert first[key] == second[key], key  # every host reports the same run
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["winner_macs"] == first["winner_macs"]
+    again = _run_pipeline(2, config, workdir, tmp_path)
+    assert all(r["figures"]["stages"] == {s: "skipped" for s in stages} for r in again)

@@ -119,21 +119,22 @@ def load_supernet(directory: str, distiller_or_abstract: Any, mesh: Mesh | None 
             f"the supernet in {directory} does not match the expected space/teacher: "
             + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5
                                          else ""))
-    try:
-        integrity.verify(os.path.join(directory, SUPERNET_ITEM), manifest.get("checksums"),
-                         "the supernet's variables")
-    except integrity.IntegrityError as error:
-        raise SupernetCheckpointError(f"{error}; " + _redo_hint(directory)) from error
     sharding = (NamedSharding(mesh, P()) if mesh is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return checkpointer.restore(os.path.join(directory, SUPERNET_ITEM), target)
+        restored = checkpointer.restore(os.path.join(directory, SUPERNET_ITEM), target)
     except Exception as error:  # Orbax raises many types; all mean "unusable".
         raise SupernetCheckpointError(
             f"the supernet in {directory} cannot be restored ({type(error).__name__}: "
             f"{error}); " + _redo_hint(directory)) from error
     finally:
         checkpointer.close()
+    try:  # it restored: are the bytes the ones written?
+        integrity.verify(os.path.join(directory, SUPERNET_ITEM), manifest.get("checksums"),
+                         "the supernet's variables")
+    except integrity.IntegrityError as error:
+        raise SupernetCheckpointError(f"{error}; " + _redo_hint(directory)) from error
+    return restored

@@ -23,6 +23,7 @@ import numpy as np
 from dna_jax import data as data_lib
 from dna_jax import distill as distill_lib
 from dna_jax import metrics as metrics_lib
+from dna_jax import multihost
 from dna_jax import rate as rate_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import sharding as sharding_lib
@@ -105,11 +106,13 @@ def run_teacher(ctx: Context) -> dict[str, Any]:
             train_cfg, os.path.join(stage_dir, "train"), mesh=ctx.mesh, return_variables=True)
         num_classes = cfg.num_classes or int(
             jax.tree.leaves(variables["params"]["classifier"])[0].shape[-1])
+        host_variables = multihost.replicated_to_host(variables)
         if stage_context.is_main_process():
             teacher_lib.save_teacher(
-                teacher_checkpoint_dir(ctx), cfg.name, jax.device_get(variables), num_classes,
+                teacher_checkpoint_dir(ctx), cfg.name, host_variables, num_classes,
                 source={"trained_by": "dna_jax.pipeline", "config_hash": ctx.digests["teacher"]},
                 preprocessing={"resolution": int(train_cfg.data.image_size)}, overwrite=True)
+        multihost.barrier("teacher saved")  # every process loads it next
         figures = {**figures, "source": "trained"}
         image_size = int(train_cfg.data.image_size) or 28
     module, _ = load_teacher(ctx)

@@ -1,0 +1,35 @@
+"""One process of the multi-process pipeline test (tests/test_multihost.py): a whole tiny run.
+
+Run as `python multihost_pipeline_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG[:ARG] WORKDIR
+OUT.json`. Every process starts `jax.distributed` with a localhost coordinator (one CPU device
+each), runs `pipeline.run_pipeline` on the SAME workdir, and writes the figures it returned.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+
+import jax  # noqa: E402
+
+
+def main(process_id: int, num_processes: int, port: int, config_path: str, workdir: str,
+         out: str) -> None:
+    if num_processes > 1:
+        jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=120)
+    from dna_jax import config_files, pipeline  # pylint: disable=import-outside-toplevel
+    path, _, arg = config_path.partition(":")
+    config = config_files.load_config(path, arg or None, **{
+        "mesh.num_devices": 0, "compilation_cache": ""})
+    figures = pipeline.run_pipeline(config, workdir)
+    with open(out, "w") as f:
+        json.dump({"process": jax.process_index(), "processes": jax.process_count(),
+                   "devices": jax.device_count(), "figures": figures}, f, default=float)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
+         sys.argv[6])
