@@ -7,8 +7,9 @@ from typing import Any
 import ml_collections
 
 from dna_jax.models import cpu_conv
+from dna_jax.rate.scores import METRIC_FUNCTIONS
 
-METRICS = ("mse", "mse_var", "rmse_var", "mae_rel", "cl_loss")
+METRICS = tuple(METRIC_FUNCTIONS)  # ("mse", "mse_var", "rmse_var", "mae_rel", "cl_loss")
 BN_MODES = ("recalibrate", "batch")
 
 

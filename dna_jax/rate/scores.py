@@ -49,18 +49,26 @@ def fit_summary(mse_var: np.ndarray, constant_mse_var: float) -> dict[str, Any]:
             "beats_constant": bool(mse_var.min() < constant_mse_var)}
 
 
+# The rank metrics: name -> the per-batch value [N, R] from a candidate's mean squared and
+# mean absolute error per rating batch and the target's statistics (teacher_batch_stats).
+# A rating stores every one as a column (the mean over the R batches); `rate.rank_metric`
+# picks the score. A new metric is one line here.
+METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray, Mapping[str, np.ndarray]],
+                                     np.ndarray]] = {
+    "mse": lambda mse, mae, t: mse,
+    "mse_var": lambda mse, mae, t: mse / t["var"],
+    "rmse_var": lambda mse, mae, t: np.sqrt(mse) / t["var"],
+    "mae_rel": lambda mse, mae, t: mae / t["mean_abs"],
+    "cl_loss": lambda mse, mae, t: mae / t["std"],  # what the original ranks by
+}
+
+
 def combine_metrics(batch_mse: np.ndarray, batch_mae: np.ndarray,
                     teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every metric of `METRICS` from per-batch errors [N, R]: the mean over the R batches of
-    the per-batch values (see the module docstring)."""
+    """Every metric of METRIC_FUNCTIONS from per-batch errors [N, R]: the mean over the R
+    batches of the per-batch values."""
     mse, mae = np.asarray(batch_mse, np.float64), np.asarray(batch_mae, np.float64)
-    return {
-        "mse": mse.mean(1),
-        "mse_var": (mse / teacher["var"]).mean(1),
-        "rmse_var": (np.sqrt(mse) / teacher["var"]).mean(1),
-        "mae_rel": (mae / teacher["mean_abs"]).mean(1),
-        "cl_loss": (mae / teacher["std"]).mean(1),
-    }
+    return {name: fn(mse, mae, teacher).mean(1) for name, fn in METRIC_FUNCTIONS.items()}
 
 
 def batch_errors(student: jax.Array, target: jax.Array) -> jax.Array:
