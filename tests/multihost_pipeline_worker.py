@@ -2,10 +2,12 @@
 
 Run as `python multihost_pipeline_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG[:ARG] WORKDIR
 OUT.json`. Every process starts `jax.distributed` with a localhost coordinator (one CPU device
-each), runs `pipeline.run_pipeline` on the SAME workdir, and writes the figures it returned.
+each), runs `pipeline.run_pipeline` (or DNA+'s `progressive.run_progressive`) on the SAME
+workdir, and writes the figures it returned.
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -17,14 +19,18 @@ import jax  # noqa: E402
 
 def main(process_id: int, num_processes: int, port: int, config_path: str, workdir: str,
          out: str) -> None:
+    logging.getLogger().setLevel(logging.INFO)  # the stages' progress in the test's log
     if num_processes > 1:
         jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=120)
-    from dna_jax import config_files, pipeline  # pylint: disable=import-outside-toplevel
+    from dna_jax import config_files, pipeline, progressive  # pylint: disable=import-outside-toplevel
     path, _, arg = config_path.partition(":")
     config = config_files.load_config(path, arg or None, **{
         "mesh.num_devices": 0, "compilation_cache": ""})
-    figures = pipeline.run_pipeline(config, workdir)
+    if progressive.is_progressive(config):  # DNA+: every round in these processes
+        figures = progressive.run_progressive(config, workdir)
+    else:
+        figures = pipeline.run_pipeline(config, workdir)
     with open(out, "w") as f:
         json.dump({"process": jax.process_index(), "processes": jax.process_count(),
                    "devices": jax.device_count(), "figures": figures}, f, default=float)

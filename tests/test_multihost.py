@@ -69,14 +69,18 @@ def _run_pipeline(num_processes: int, config: str, workdir: str, tmp_path) -> li
 
 
 @pytest.mark.slow
-def test_the_tiny_dna_pipeline_runs_in_two_processes_on_one_workdir(tmp_path):
-    """Every stage (teacher training, distillation, rating, search, export, retraining,
-    report) in 2 processes on one shared workdir: both finish, agree, and a rerun skips."""
-    config = os.path.join(REPO, "configs", "fashion_mnist_dna.py") + ":tiny"
+@pytest.mark.parametrize("config_file", ["fashion_mnist_dna.py", "fashion_mnist_dna_pp.py"])
+def test_a_tiny_pipeline_runs_in_two_processes_on_one_workdir(config_file, tmp_path):
+    """Every stage of DNA (teacher training, distillation, rating, search, export, retraining,
+    report) and of DNA++ (ssl, ...) in 2 processes on one shared workdir: both finish, agree,
+    and a rerun skips every stage."""
+    from dna_jax import config_files, supervision  # pylint: disable=import-outside-toplevel
+    config = os.path.join(REPO, "configs", config_file) + ":tiny"
+    path, _, arg = config.partition(":")
+    stages = supervision.of(config_files.load_config(path, arg)).stages
     workdir = str(tmp_path / "shared")
     pair = _run_pipeline(2, config, workdir, tmp_path)
     assert [r["processes"] for r in pair] == [2, 2] and pair[0]["devices"] == 2
-    stages = ["teacher", "distill", "rate", "search", "retrain", "report"]
     for result in pair:
         assert result["figures"]["stages"] == {s: "ran" for s in stages}
     first, second = (r["figures"] for r in pair)
@@ -86,3 +90,20 @@ def test_the_tiny_dna_pipeline_runs_in_two_processes_on_one_workdir(tmp_path):
     assert summary["winner_macs"] == first["winner_macs"]
     again = _run_pipeline(2, config, workdir, tmp_path)
     assert all(r["figures"]["stages"] == {s: "skipped" for s in stages} for r in again)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug (2026-12-06): round 1 runs and writes round_1/retrain/network, but round 2's "
+    "distillation aborts after its step-0 validation with a gloo collective mismatch (one "
+    "process all-reduces 40 bytes where the other expects 8); not yet diagnosed"))
+def test_two_dna_plus_rounds_run_in_two_processes(tmp_path):
+    """DNA+ chains rounds multi-process: round 2's teacher is round 1's retrained winner,
+    written by process 0 and read by both."""
+    config = os.path.join(REPO, "configs", "fashion_mnist_dna_plus.py") + ":tiny"
+    pair = _run_pipeline(2, config, str(tmp_path / "shared"), tmp_path)
+    first, second = (r["figures"] for r in pair)
+    assert first["rounds_run"] == second["rounds_run"] == 2
+    assert first["round_accuracies"] == second["round_accuracies"]
+    assert os.path.exists(tmp_path / "shared" / "round_1" / "retrain" / "network" /
+                          "teacher.json")
