@@ -27,7 +27,17 @@ class ConfigChangedError(RuntimeError):
     """An artifact exists for a different config than the one asked for."""
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes) -> None:
+    """The one atomic write of the library's small files: a temporary file in the same folder,
+    flushed and fsynced, then renamed over `path` (a reader sees the old file or the new one,
+    never half of one). A remote path (gs://...) is written in one request through
+    etils.epath: object stores replace objects whole."""
+    if "://" in os.fspath(path):
+        from etils import epath  # pylint: disable=import-outside-toplevel
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -45,7 +55,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     """Writes `text` to `path` atomically (temporary file, then rename)."""
-    _write_atomic(path, text.encode())
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -65,7 +75,7 @@ def read_json(path: str) -> Any:
 def write_npz(path: str, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Mapping
 
 from etils import epath
+
+from dna_jax import artifacts
 
 _CHUNK = 1 << 22
 
@@ -90,13 +93,11 @@ def sidecar(directory: epath.PathLike) -> epath.Path:
 
 
 def record_sidecar(directory: epath.PathLike) -> dict[str, str]:
-    """Computes the checksums of `directory` and writes its sidecar (atomically where the
-    filesystem allows: a temporary file renamed into place)."""
+    """Computes the checksums of `directory` and writes its sidecar (artifacts.write_text:
+    atomic)."""
     checksums = tree_checksums(directory)
-    target = sidecar(directory)
-    tmp = target.parent / f".{target.name}.tmp"
-    tmp.write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
-    tmp.rename(target)
+    artifacts.write_text(os.fspath(sidecar(directory)),
+                         json.dumps(checksums, indent=1, sort_keys=True) + "\n")
     return checksums
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from dna_jax import artifacts
 
 
 def create_writer(workdir: str | None, *, asynchronous: bool = True) -> metric_writers.MetricWriter:
@@ -64,12 +64,7 @@ def write_json(path: str, obj: dict[str, Any]) -> None:
     """Writes JSON atomically (temporary file, then rename) on process 0."""
     if jax.process_index() != 0:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
-        tmp = f.name
-    os.replace(tmp, path)
+    artifacts.write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True))
 
 
 def final_line(figures: dict[str, Any]) -> str:

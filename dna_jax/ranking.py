@@ -37,7 +37,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -367,11 +366,7 @@ def plot_ranking(per_arch: Sequence[dict[str, Any]], stats: dict[str, dict[str, 
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    artifacts.write_bytes(path, buffer.getvalue())
 
 
 # ---- the run -----------------------------------------------------------------------------------

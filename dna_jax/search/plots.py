@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from typing import Sequence
 
+from dna_jax import artifacts
 from dna_jax.rating_table import BlockTable
 from dna_jax.search.fronts import ParetoFront
 from dna_jax.search.problem import SearchResult
@@ -15,20 +15,9 @@ from dna_jax.search.problem import SearchResult
 
 def _save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
     """Renders a matplotlib figure to PNG in memory, then writes it atomically."""
-    path = os.fspath(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    artifacts.write_bytes(os.fspath(path), buffer.getvalue())
 
 
 def plot_pareto_front(front: ParetoFront, path: str | os.PathLike, *,
