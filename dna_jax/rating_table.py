@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dna_jax import artifacts
+from dna_jax import integrity
 from dna_jax import costs as analytic
 
 TABLE_FORMAT_VERSION = 1
@@ -181,6 +182,7 @@ def load_block_table(path: str | os.PathLike, required_costs: Sequence[str] = ()
         inconsistent (mismatched lengths, NaN scores) or lacks one of `required_costs`.
     """
     path = os.fspath(path)
+    verify_table(path)
     arrays = read_arrays(path)
     for key in ("encodings", "score"):
         if key not in arrays:
@@ -334,9 +336,34 @@ def save_rating(path_prefix: str, rating: BlockRating, space, block_index: int,
     artifacts.write_npz(npz, **table_arrays(
         rating.encodings, rating.score, costs, score_metric=np.asarray(rating.rank_metric),
         batch_mse=rating.batch_mse, batch_mae=rating.batch_mae, metrics=rating.metrics))
-    artifacts.write_json(summary, rating_summary(rating, space, block_index, costs, fingerprint,
-                                                 top_k))
+    content = rating_summary(rating, space, block_index, costs, fingerprint, top_k)
+    content["npz_sha256"] = integrity.file_digest(npz)  # what readers verify (verify_table)
+    artifacts.write_json(summary, content)
     return npz, summary
+
+
+def verify_table(path: str | os.PathLike) -> None:
+    """Checks a rating's `.npz` against the SHA-256 its `.json` summary recorded (tables
+    without one, e.g. hand-made or older, pass unverified).
+
+    Raises:
+      ValueError: the table's bytes changed since it was written, naming both files and how
+        to rate the block again.
+    """
+    path = os.fspath(path)
+    summary_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.exists(summary_path) or not os.path.exists(path):
+        return
+    try:
+        recorded = artifacts.read_json(summary_path).get("npz_sha256")
+    except ValueError:
+        return  # an unreadable summary is reported by whoever needs it
+    if recorded and integrity.file_digest(path) != recorded:
+        manifest = os.path.join(os.path.dirname(os.path.abspath(path)), artifacts.MANIFEST)
+        raise ValueError(f"{path} is corrupt: its SHA-256 differs from the one {summary_path} "
+                         f"recorded when it was written. Rate the block again: remove "
+                         f"{manifest} (if present) and {path}, and rerun the rate stage (the "
+                         "other blocks are reused)")
 
 
 def rating_summary(rating: BlockRating, space, block_index: int,
@@ -375,6 +402,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def load_rating(path_prefix: str) -> BlockRating:
     """Reads a rating written by `save_rating`."""
     summary = artifacts.read_json(f"{path_prefix}.json")
+    verify_table(f"{path_prefix}.npz")
     arrays = read_arrays(f"{path_prefix}.npz")
     metrics = {k[len(METRIC_PREFIX):]: v for k, v in arrays.items()
                if k.startswith(METRIC_PREFIX)}
@@ -416,9 +444,11 @@ def rating_fingerprint(config: Any, space, block_index: int,
 
 
 def rating_complete(path_prefix: str, fingerprint: str) -> bool:
-    """Both files exist, the table is readable and the summary has this fingerprint."""
+    """Both files exist, the table is readable and unchanged (its recorded SHA-256), and the
+    summary has this fingerprint: else the block is rated again."""
     try:
         summary = artifacts.read_json(f"{path_prefix}.json")
+        verify_table(f"{path_prefix}.npz")
         readable = {"encodings", "score", "batch_mse"} <= set(read_arrays(f"{path_prefix}.npz"))
     except (OSError, ValueError):
         return False

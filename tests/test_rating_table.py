@@ -50,3 +50,24 @@ def test_rating_files_fingerprint_and_fit(tmp_path):
     assert set(rt.load_metrics(prefix + ".npz")) == {"mse", "cl_loss"}
     table = rt.load_block_table(prefix + ".npz")
     assert {"params", "macs", "dna_flops"} <= set(table.costs)
+
+
+def test_a_changed_rating_table_is_named_and_its_block_rated_again(tmp_path):
+    from dna_jax.space import get_space  # pylint: disable=import-outside-toplevel
+    space = get_space("tiny")
+    b = next(i for i, blk in enumerate(space.blocks) if blk.fixed_ops is None)
+    encodings = space.block_candidates(b)[:4]
+    rating = _rating(len(encodings))
+    rating = rt.BlockRating(encodings, rating.batch_mse, rating.batch_mae, rating.metrics,
+                            rating.rank_metric, rating.info)
+    prefix = str(tmp_path / space.blocks[b].name)
+    rt.save_rating(prefix, rating, space, b, fingerprint="abc")
+    raw = bytearray(open(prefix + ".npz", "rb").read())
+    raw[len(raw) // 2] ^= 0x01  # inside an array: the zip still opens, a value changed
+    open(prefix + ".npz", "wb").write(bytes(raw))
+    assert not rt.rating_complete(prefix, "abc")  # the rate stage rates this block again
+    with pytest.raises(ValueError, match=r"\.npz is corrupt: its SHA-256 differs .* rerun the "
+                                         r"rate stage"):
+        rt.load_block_table(prefix + ".npz")
+    with pytest.raises(ValueError, match="is corrupt"):
+        rt.load_rating(prefix)
