@@ -31,9 +31,7 @@ from dna_jax import config_files, pipeline
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo config; arg 'tiny' gives the seconds-per-stage test variant."""
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = pipeline.get_default_config()
     config.seed = 0
 

@@ -46,9 +46,7 @@ from dna_jax import config_files, progressive
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The DNA+ demo config; arg 'tiny' gives the seconds-per-stage test variant."""
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = config_files.sibling_config(__file__, "fashion_mnist_dna",
                                          None if variant == "full" else "tiny")
     if variant == "tiny":

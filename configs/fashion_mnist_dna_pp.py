@@ -46,9 +46,7 @@ def _half_macs(network: str, resolution: int) -> float:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The DNA++ demo config; arg 'tiny' gives the seconds-per-stage test variant."""
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = pipeline.get_default_config()
     config.supervision = "ssl"
     config.stages = ",".join(supervision.get("ssl").stages)

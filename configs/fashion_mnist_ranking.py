@@ -36,9 +36,7 @@ STEPS = 430
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The ranking config; arg 'tiny' gives the test variant."""
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = ranking.get_default_config()
     config.seed = 0
 

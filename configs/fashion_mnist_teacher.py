@@ -13,14 +13,12 @@ figures (also in <workdir>/figures.json).
 
 import ml_collections
 
-from dna_jax import retrain
+from dna_jax import config_files, retrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The teacher config; arg 'tiny' gives the test variant."""
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = retrain.get_default_config()
     config.seed = 0
 

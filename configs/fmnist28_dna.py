@@ -30,9 +30,7 @@ DISTILL_EPOCHS = 3.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = config_files.sibling_config(__file__, "fashion_mnist_dna",
                                          "tiny" if variant == "tiny" else None, unlocked=True)
     if variant == "tiny":

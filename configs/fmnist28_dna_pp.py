@@ -21,9 +21,7 @@ SSL_STEPS = 2500
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = config_files.sibling_config(__file__, "fashion_mnist_dna_pp",
                                          "tiny" if variant == "tiny" else None, unlocked=True)
     if variant == "tiny":

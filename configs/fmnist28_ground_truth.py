@@ -23,9 +23,7 @@ EPOCHS = 2.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     config = ground_truth.get_default_config()
     config.space = "fmnist28"
     config.resolution = 28

@@ -27,9 +27,7 @@ BUDGETS = (2.8e6, 4.8e6)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     tiny = variant == "tiny"
     config = search_effectiveness.get_default_config()
     config.space = "fmnist28"

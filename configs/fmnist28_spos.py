@@ -23,9 +23,7 @@ SPOS_EPOCHS = 6.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "full"
-    if variant not in ("full", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    variant = config_files.variant(arg)
     truth = config_files.sibling_config(__file__, "fmnist28_ground_truth",
                                         "tiny" if variant == "tiny" else None, unlocked=True)
     config = ml_collections.ConfigDict()

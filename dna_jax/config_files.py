@@ -51,6 +51,15 @@ def load_config(path: str, arg: str | None = None, *, unlocked: bool = False,
     return config
 
 
+def variant(arg: str | None) -> str:
+    """A config file's variant from its `:arg`: 'full' ('' or None) or 'tiny' (the tests'
+    seconds-long version); anything else is an error naming both."""
+    name = arg or "full"
+    if name not in ("full", "tiny"):
+        raise ValueError(f"Unknown variant {arg!r}; use '' or 'tiny'.")
+    return name
+
+
 def sibling_config(this_file: str, name: str, arg: str | None = None, *,
                    unlocked: bool = False) -> ml_collections.ConfigDict:
     """`load_config` of `name`.py in the folder of `this_file` (a config's own __file__)."""

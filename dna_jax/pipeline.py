@@ -43,6 +43,7 @@ from dna_jax import stages as stages_lib
 from dna_jax import supervision
 from dna_jax import validate as validate_lib
 from dna_jax import workdir as workdir_lib
+from dna_jax.space import get_space
 from dna_jax.stage_context import Context, StageError, is_main_process
 
 ON_CHANGE = ("error", "rerun", "resume")
@@ -322,7 +323,6 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None,
     stages = parse_stages(config.stages, kind)
     if config.on_change not in ON_CHANGE:
         raise ValueError(f"config.on_change must be one of {ON_CHANGE}, got {config.on_change!r}")
-    from dna_jax.space import get_space  # pylint: disable=import-outside-toplevel
     get_space(kind.space_name(config))
     rate_lib.check_config(config.rate)
     if config.search.method not in ("exact", "beam"):

@@ -14,6 +14,21 @@ def _rating(n=4):
                           {"fit_mse_var": {"best": 0.5, "beats_constant": True}})
 
 
+def _saved_rating(tmp_path):
+    """(prefix, rating, space, block) of a rating of 4 candidates of the `tiny` space saved
+    with fingerprint 'abc'."""
+    from dna_jax.space import get_space  # pylint: disable=import-outside-toplevel
+    space = get_space("tiny")
+    b = next(i for i, blk in enumerate(space.blocks) if blk.fixed_ops is None)
+    encodings = space.block_candidates(b)[:4]
+    rating = _rating(len(encodings))
+    rating = rt.BlockRating(encodings, rating.batch_mse, rating.batch_mae, rating.metrics,
+                            rating.rank_metric, rating.info)
+    prefix = str(tmp_path / space.blocks[b].name)
+    rt.save_rating(prefix, rating, space, b, fingerprint="abc")
+    return prefix, rating, space, b
+
+
 def test_block_table_keys_and_version(tmp_path):
     table = rt.BlockTable(np.array([[0, 1], [1, 0]]), np.array([0.5, 0.25]),
                           {"macs": np.array([3, 4])})
@@ -33,15 +48,7 @@ def test_block_table_keys_and_version(tmp_path):
 
 
 def test_rating_files_fingerprint_and_fit(tmp_path):
-    from dna_jax.space import get_space  # pylint: disable=import-outside-toplevel
-    space = get_space("tiny")
-    b = next(i for i, blk in enumerate(space.blocks) if blk.fixed_ops is None)
-    encodings = space.block_candidates(b)[:4]
-    rating = _rating(len(encodings))
-    rating = rt.BlockRating(encodings, rating.batch_mse, rating.batch_mae, rating.metrics,
-                            rating.rank_metric, rating.info)
-    prefix = str(tmp_path / space.blocks[b].name)
-    rt.save_rating(prefix, rating, space, b, fingerprint="abc")
+    prefix, rating, space, b = _saved_rating(tmp_path)
     assert rt.rating_complete(prefix, "abc") and not rt.rating_complete(prefix, "other")
     assert not rt.rating_complete(str(tmp_path / "missing"), "abc")
     assert rt.block_fit(str(tmp_path), space.blocks[b].name)["best"] == 0.5
@@ -53,15 +60,7 @@ def test_rating_files_fingerprint_and_fit(tmp_path):
 
 
 def test_a_changed_rating_table_is_named_and_its_block_rated_again(tmp_path):
-    from dna_jax.space import get_space  # pylint: disable=import-outside-toplevel
-    space = get_space("tiny")
-    b = next(i for i, blk in enumerate(space.blocks) if blk.fixed_ops is None)
-    encodings = space.block_candidates(b)[:4]
-    rating = _rating(len(encodings))
-    rating = rt.BlockRating(encodings, rating.batch_mse, rating.batch_mae, rating.metrics,
-                            rating.rank_metric, rating.info)
-    prefix = str(tmp_path / space.blocks[b].name)
-    rt.save_rating(prefix, rating, space, b, fingerprint="abc")
+    prefix, rating, space, b = _saved_rating(tmp_path)
     raw = bytearray(open(prefix + ".npz", "rb").read())
     raw[len(raw) // 2] ^= 0x01  # inside an array: the zip still opens, a value changed
     open(prefix + ".npz", "wb").write(bytes(raw))

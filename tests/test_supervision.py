@@ -42,8 +42,8 @@ def test_every_kind_has_its_sections_in_the_default_config_and_its_own_stages():
                 for part in dotted.split("."):
                     node = node[part]
         assert kind.space_name(config) in PRESETS
+        other = next(s for s in supervision.stage_order() if s not in kind.stages)
         with pytest.raises(ValueError, match="do not belong to supervision"):
-            other = next(s for s in supervision.stage_order() if s not in kind.stages)
             pipeline.parse_stages(f"{other},rate", kind)
 
 

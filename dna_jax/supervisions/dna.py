@@ -226,17 +226,20 @@ def run_rate(ctx: Context) -> dict[str, Any]:
 # ---- what the common stages ask --------------------------------------------------------------
 
 
-def space(ctx: Context) -> SearchSpace:
-    """The configured space; with `teacher.align_space` (DNA+ rounds) its blocks re-aligned
-    to the teacher's stages (`align_space`)."""
-    config = ctx.config
+def configured_space(config: ml_collections.ConfigDict, teacher_spec) -> SearchSpace:
+    """`distill.space`; with `teacher.align_space` (DNA+ rounds) its blocks re-aligned to the
+    stages of `teacher_spec` (`align_space`)."""
     base = get_space(config.distill.space)
-    if not config.teacher.align_space:
-        return base
-    cfg = config.teacher
-    teacher = teacher_lib.teacher_network_spec(
+    return align_space(base, teacher_spec) if config.teacher.align_space else base
+
+
+def space(ctx: Context) -> SearchSpace:
+    """The run's space (the teacher's architecture read only when the space is aligned)."""
+    cfg = ctx.config.teacher
+    teacher = (teacher_lib.teacher_network_spec(
         cfg.name, teacher_checkpoint_dir(ctx) if cfg.checkpoint else None)
-    return align_space(base, teacher)
+        if cfg.align_space else None)
+    return configured_space(ctx.config, teacher)
 
 
 def num_classes(ctx: Context) -> int:
@@ -290,13 +293,13 @@ def reference_spec(config: ml_collections.ConfigDict, workdir: str | None):
 
 
 def static_space(config: ml_collections.ConfigDict, teacher_spec) -> SearchSpace | None:
-    """The configured space (re-aligned to the teacher when teacher.align_space)."""
+    """`configured_space`, or None when it cannot be known yet (an aligned space whose
+    teacher is not made yet) or is wrong (reported by the pipeline's own check)."""
+    if config.teacher.align_space and teacher_spec is None:
+        return None
     try:
-        base = get_space(config.distill.space)
-        if not config.teacher.align_space:
-            return base
-        return None if teacher_spec is None else align_space(base, teacher_spec)
-    except Exception:  # pylint: disable=broad-except  # reported by the pipeline's own check
+        return configured_space(config, teacher_spec)
+    except Exception:  # pylint: disable=broad-except
         return None
 
 
