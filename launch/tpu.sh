@@ -20,7 +20,9 @@ Commands
   wait      block until the job has ended on every worker; fail if it failed anywhere
   stop      stop the job on every worker
   delete    delete the TPU VM (or the queued resource with its TPU)
-  up        create, install, run; with DELETE_AFTER=1 also wait for the end and delete
+  up        create (or reuse a READY TPU; a preempted one is deleted and created again),
+            install, run; with DELETE_AFTER=1 also wait for the end and delete. After a spot
+            preemption, running the same `up` again resumes the run from WORKDIR
 
 Options
   --dry-run  print the exact commands instead of running them
@@ -38,6 +40,14 @@ Required environment
 Optional environment
   BUCKET            bucket name or gs:// URL: WORKDIR defaults to gs://BUCKET/dna_jax/TPU_NAME
                     and TFDS_DATA_DIR to gs://BUCKET/tensorflow_datasets
+  TEACHER_CHECKPOINT (run, up) the teacher checkpoint (a dna_jax teacher folder, e.g. timm
+                    weights converted by `dna-jax convert`): a gs:// URL every worker reads, or
+                    a local folder that `run` first copies to WORKDIR/teacher_checkpoint with
+                    `gcloud storage rsync`; passed as --config.teacher.checkpoint. Unset: the
+                    config's own value (configs/imagenet_dna.py stops at start without one)
+  SSH_VIA           how gcloud reaches the workers (ssh and scp): external (default),
+                    internal (--internal-ip: from a machine inside the VPC) or iap
+                    (--tunnel-through-iap: workers without external IPs)
   CONFIG            config of the run (default configs/imagenet_dna.py:tpu_v4_32)
   RUNTIME_VERSION   TPU software version (default from ACCELERATOR_TYPE: v2/v3/v4
                     tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
@@ -104,6 +114,14 @@ parse_settings() {
   FOLLOW=${FOLLOW:-1}
   LOG_WORKER=${LOG_WORKER:-0}
   DELETE_AFTER=${DELETE_AFTER:-0}
+  TEACHER_CHECKPOINT=${TEACHER_CHECKPOINT:-}
+  SSH_VIA=${SSH_VIA:-external}
+  case $SSH_VIA in
+    external) SSH_FLAGS=() ;;
+    internal) SSH_FLAGS=(--internal-ip) ;;
+    iap) SSH_FLAGS=(--tunnel-through-iap) ;;
+    *) die "SSH_VIA must be external, internal or iap, got '$SSH_VIA'" ;;
+  esac
   local name
   for name in QUEUED SPOT RESERVED FOLLOW DELETE_AFTER; do
     require_flag "$name"
@@ -152,6 +170,22 @@ check_run_vars() {
   require_vars WORKDIR TFDS_DATA_DIR
   require_gcs_url WORKDIR
   require_gcs_url TFDS_DATA_DIR
+  check_teacher_checkpoint
+}
+
+# TEACHER_URL: where every worker reads the teacher (empty: the config's own value).
+check_teacher_checkpoint() {
+  TEACHER_URL=""
+  [[ -n $TEACHER_CHECKPOINT ]] || return 0
+  if [[ $TEACHER_CHECKPOINT == gs://?* ]]; then
+    TEACHER_URL=${TEACHER_CHECKPOINT%/}
+  elif [[ -d $TEACHER_CHECKPOINT ]]; then
+    [[ -f $TEACHER_CHECKPOINT/teacher.json ]] \
+      || die "TEACHER_CHECKPOINT=$TEACHER_CHECKPOINT has no teacher.json: not a dna_jax teacher checkpoint (convert timm weights with \`dna-jax convert\`)"
+    TEACHER_URL=${WORKDIR%/}/teacher_checkpoint
+  else
+    die "TEACHER_CHECKPOINT must be a gs:// URL or a local teacher checkpoint folder, got '$TEACHER_CHECKPOINT'"
+  fi
 }
 
 default_runtime_version() {
@@ -175,7 +209,7 @@ location_flags() {
 on_workers() {
   local workers=$1 remote_command=$2
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${LOCATION[@]}" --worker="$workers" \
-    --command="$remote_command"
+    "${SSH_FLAGS[@]}" --command="$remote_command"
 }
 
 # The worker-side job control script, called from inside the remote checkout.
@@ -198,6 +232,64 @@ create_tpu() {
     run gcloud compute tpus tpu-vm create "$TPU_NAME" "${LOCATION[@]}" \
       --version="$RUNTIME_VERSION" "${flags[@]}"
   fi
+}
+
+# STATE: the TPU's (or queued resource's) state, NOT_FOUND when it does not exist. A dry run
+# prints the describe command and assumes NOT_FOUND.
+read_state() {
+  local describe
+  if ((QUEUED)); then
+    describe=(gcloud compute tpus queued-resources describe "$QUEUED_RESOURCE" "${LOCATION[@]}"
+      --format='value(state.state)')
+  else
+    describe=(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}"
+      --format='value(state)')
+  fi
+  if ((DRY_RUN)); then
+    run "${describe[@]}"
+    note "dry run: assuming it does not exist yet (READY/ACTIVE: reused; PREEMPTED, TERMINATED, SUSPENDED or FAILED: deleted and created again)"
+    STATE=NOT_FOUND
+    return 0
+  fi
+  echo "+ $(quote_command "${describe[@]}")" >&2
+  local err
+  err=$(mktemp)
+  if STATE=$("${describe[@]}" 2>"$err"); then
+    STATE=${STATE:-NOT_FOUND}
+  elif grep -qi "not.found" "$err"; then
+    STATE=NOT_FOUND
+  else
+    cat "$err" >&2
+    rm -f "$err"
+    die "cannot read the state of ${QUEUED_RESOURCE:-$TPU_NAME} (gcloud's error above)"
+  fi
+  rm -f "$err"
+}
+
+# `up`'s first step, safe to repeat: creates the TPU, reuses a ready one, or replaces one that
+# was preempted, so re-running the same `up` after a spot preemption resumes the run.
+ensure_tpu() {
+  read_state
+  case $STATE in
+    NOT_FOUND) create_tpu ;;
+    READY | ACTIVE) note "${TPU_NAME} is $STATE: reusing it" ;;
+    PREEMPTED | TERMINATED | STOPPED | SUSPENDED | SUSPENDING | FAILED)
+      note "${TPU_NAME} is $STATE: deleting it and creating it again (the run resumes from $WORKDIR)"
+      local keep=$ASSUME_YES
+      ASSUME_YES=1
+      delete_tpu
+      ASSUME_YES=$keep
+      create_tpu
+      ;;
+    ACCEPTED | WAITING_FOR_RESOURCES | PROVISIONING | CREATING)
+      if ((QUEUED)); then
+        wait_until_active
+      else
+        die "$TPU_NAME is $STATE; run \`up\` again once it is READY"
+      fi
+      ;;
+    *) die "$TPU_NAME is $STATE; run \`up\` again once it is READY (or delete it)" ;;
+  esac
 }
 
 # Polls the queued resource until it is ACTIVE (its TPU VM exists and is ready).
@@ -270,12 +362,19 @@ copy_working_tree() {
   run_to "$list" git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard
   run tar -czf "$tarball" -C "$REPO_ROOT" --ignore-failed-read --null --files-from="$list"
   run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:dna_jax_src.tar.gz" \
-    "${LOCATION[@]}" --worker=all
+    "${LOCATION[@]}" --worker=all "${SSH_FLAGS[@]}"
   run rm -f "$list" "$tarball"
 }
 
 start_on_workers() {
-  local main=(python -m dna_jax.main --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA_ARGS[@]}")
+  local main=(python -m dna_jax.main --config "$CONFIG" --workdir "$WORKDIR")
+  if [[ -n $TEACHER_URL ]]; then
+    if [[ $TEACHER_URL != "${TEACHER_CHECKPOINT%/}" ]]; then  # a local folder: upload it first
+      run gcloud storage rsync --recursive "$TEACHER_CHECKPOINT" "$TEACHER_URL"
+    fi
+    main+=(--config.teacher.checkpoint="$TEACHER_URL")
+  fi
+  main+=("${EXTRA_ARGS[@]}")
   local env_words=()
   read -r -a env_words <<<"$RUN_ENV"
   local word
@@ -332,7 +431,7 @@ main() {
     stop) on_workers all "$(worker_job stop)" ;;
     delete) delete_tpu ;;
     up)
-      create_tpu
+      ensure_tpu
       install_on_workers
       start_on_workers
       if ((DELETE_AFTER)); then

@@ -8,6 +8,7 @@ fake worker home whose venv `python` is a stub that prints what it was given.
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -42,7 +43,17 @@ with open(os.environ["STUB_LOG"], "a") as log:
 if os.environ.get("STUB_FORBID"):
     sys.exit("gcloud must not run in a dry run")
 home = os.environ["WORKER_HOME"]
-if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
+with open(os.environ["STUB_LOG"]) as log:
+    created = any(json.loads(line)[3:4] == ["create"] for line in log)
+state_query = any(a in ("--format=value(state)", "--format=value(state.state)") for a in args)
+if args[3:4] == ["describe"] and state_query and not created:
+    # Before any create: the TPU (or queued resource) exists only when the test says so.
+    if not os.environ.get("STUB_EXISTING"):
+        sys.exit("ERROR: (gcloud.compute.tpus.describe) NOT_FOUND: Resource not found")
+    print(os.environ["STUB_EXISTING"])
+elif args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+    print("READY")
+elif args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
     states = os.environ.get("STUB_STATES", "ACTIVE").split(",")
     counter = os.path.join(home, ".describe_calls")
     calls = int(open(counter).read()) if os.path.exists(counter) else 0
@@ -141,8 +152,11 @@ def assert_valid_bash(command):
 
 @needs_git_tree
 def test_tpu_up_dry_run_prints_create_install_run(sandbox):
-    commands = dry_run(sandbox, "tpu.sh", "up", "--", "--config.total_steps=10", **TPU_ENV)
-    create = commands[0]
+    commands = dry_run(sandbox, "tpu.sh", "up", "--", "--config.distill.num_epochs=1",
+                       **TPU_ENV)
+    state, create = commands[:2]  # `up` first reads the TPU's state (a rerun reuses it)
+    assert state == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "dna-test",
+                     "--zone=us-central2-b", "--project=my-project", "--format=value(state)"]
     assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "dna-test"]
     assert flag(create, "--accelerator-type") == "v4-32"
     assert flag(create, "--zone") == "us-central2-b"
@@ -163,7 +177,7 @@ def test_tpu_up_dry_run_prints_create_install_run(sandbox):
             ' -e $HOME/dna_jax "jax[tpu]"') in install
     assert "DNA_JAX_DISTRIBUTED=1" in start
     assert "TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets" in start
-    assert start.endswith(f"launch/worker_job.sh start -- {MAIN} --config.total_steps=10")
+    assert start.endswith(f"launch/worker_job.sh start -- {MAIN} --config.distill.num_epochs=1")
     # Then worker 0's log is followed; nothing is deleted.
     assert ssh_commands(commands, "0") == ["cd $HOME/dna_jax && bash launch/worker_job.sh logs"]
     assert not any("delete" in c for c in commands)
@@ -173,13 +187,15 @@ def test_tpu_up_dry_run_prints_create_install_run(sandbox):
 def test_tpu_queued_up_with_delete_after(sandbox):
     commands = dry_run(sandbox, "tpu.sh", "up", QUEUED=1, DELETE_AFTER=1,
                        **dict(TPU_ENV, ACCELERATOR_TYPE="v5litepod-16"))
-    create = commands[0]
+    assert commands[0][:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe",
+                               "dna-test"]
+    create = commands[1]
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "dna-test"]
     assert flag(create, "--node-id") == "dna-test"
     assert flag(create, "--accelerator-type") == "v5litepod-16"
     assert flag(create, "--runtime-version") == "v2-alpha-tpuv5-lite"
     assert flag(create, "--zone") == "us-central2-b"
-    describe = commands[1]
+    describe = commands[2]
     assert is_gcloud(describe, "compute", "tpus", "queued-resources", "describe")
     assert flag(describe, "--format") == "value(state.state)"
     assert ssh_commands(commands, "all")[-1] == "cd $HOME/dna_jax && bash launch/worker_job.sh wait"
@@ -253,10 +269,11 @@ def test_tpu_up_runs_what_the_dry_run_prints(sandbox):
     printed = [c[1:] for c in dry_run(sandbox, "tpu.sh", "up", **env) if c[0] == "gcloud"]
     proc = run_script(sandbox, "tpu.sh", "up", **env)
     calls = gcloud_calls(sandbox)
-    describe = printed[1]
-    assert calls[1] == calls[2] == describe  # polled until ACTIVE
+    describe = printed[2]
+    assert calls[0] == printed[0]  # the state before anything: not found, so created
+    assert calls[2] == calls[3] == describe  # polled until ACTIVE
     uploads = [c for c in calls if c[:2] == ["storage", "cp"]]
-    assert [c for c in calls if c[:2] != ["storage", "cp"]] == printed[:2] + [describe] + printed[2:]
+    assert [c for c in calls if c[:2] != ["storage", "cp"]] == printed[:3] + [describe] + printed[3:]
 
     # The tarball copied to the workers holds the launch scripts, not the venv.
     with tarfile.open(sandbox["worker"] / "dna_jax_src.tar.gz") as tar:
@@ -381,3 +398,142 @@ def test_shellcheck_clean():
     proc = subprocess.run(["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in SCRIPTS]],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# TPU: re-running `up` (spot preemption), SSH routes, the teacher checkpoint
+
+
+def _verbs(calls):
+    """The gcloud calls as 'resource verb' words, e.g. 'tpu-vm create'."""
+    return [" ".join(c[2:4]) for c in calls if c[:2] == ["compute", "tpus"]]
+
+
+@needs_git_tree
+@pytest.mark.parametrize("existing, recreated", [("PREEMPTED", True), ("TERMINATED", True),
+                                                 ("READY", False)])
+def test_tpu_up_again_after_preemption_recreates_or_reuses(sandbox, existing, recreated):
+    proc = run_script(sandbox, "tpu.sh", "up", FOLLOW=0, STUB_EXISTING=existing, **TPU_ENV)
+    verbs = _verbs(gcloud_calls(sandbox))
+    assert verbs[0] == "tpu-vm describe"
+    if recreated:
+        assert verbs[1:3] == ["tpu-vm delete", "tpu-vm create"]
+        assert "--quiet" in gcloud_calls(sandbox)[1]  # a preempted TPU goes without asking
+        assert f"is {existing}: deleting it and creating it again" in proc.stderr
+    else:
+        assert "tpu-vm create" not in verbs and "tpu-vm delete" not in verbs
+        assert "is READY: reusing it" in proc.stderr
+    # Either way the code is installed and the same command starts again (it resumes).
+    assert verbs[-2:] == ["tpu-vm ssh", "tpu-vm ssh"]
+    start = flag_or_none(gcloud_calls(sandbox)[-1], "--command")
+    assert start.endswith(f"launch/worker_job.sh start -- {MAIN}")
+
+
+@needs_git_tree
+def test_tpu_queued_up_again_after_suspension_recreates(sandbox):
+    run_script(sandbox, "tpu.sh", "up", FOLLOW=0, QUEUED=1, WAIT_INTERVAL_S=1,
+               STUB_EXISTING="SUSPENDED", **TPU_ENV)
+    verbs = _verbs(gcloud_calls(sandbox))
+    assert verbs[:4] == ["queued-resources describe", "queued-resources delete",
+                         "queued-resources create", "queued-resources describe"]
+
+
+def test_tpu_up_refuses_a_tpu_in_an_unknown_state(sandbox):
+    proc = run_script(sandbox, "tpu.sh", "up", check=False, STUB_EXISTING="REPAIRING", **TPU_ENV)
+    assert proc.returncode != 0 and "dna-test is REPAIRING" in proc.stderr
+    assert _verbs(gcloud_calls(sandbox)) == ["tpu-vm describe"]
+
+
+@needs_git_tree
+@pytest.mark.parametrize("via, expected", [("internal", "--internal-ip"),
+                                           ("iap", "--tunnel-through-iap")])
+def test_tpu_ssh_via_reaches_every_ssh_and_scp(sandbox, via, expected):
+    commands = dry_run(sandbox, "tpu.sh", "up", SSH_VIA=via, **TPU_ENV)
+    reaching = [c for c in commands if is_gcloud(c, "compute", "tpus", "tpu-vm")
+                and c[4] in ("ssh", "scp")]
+    assert len(reaching) == 4  # scp of the tree, install, start, follow the log
+    assert all(expected in c for c in reaching)
+    plain = dry_run(sandbox, "tpu.sh", "logs", **TPU_ENV)
+    assert not any(f in plain[0] for f in ("--internal-ip", "--tunnel-through-iap"))
+
+
+def test_tpu_bad_ssh_via_is_named(sandbox):
+    proc = run_script(sandbox, "tpu.sh", "--dry-run", "logs", check=False, SSH_VIA="vpn",
+                      **TPU_ENV)
+    assert proc.returncode != 0 and "SSH_VIA must be external, internal or iap" in proc.stderr
+
+
+def _start_command(commands):
+    return next(c for c in ssh_commands(commands, "all") if "worker_job.sh start" in c)
+
+
+def test_tpu_local_teacher_checkpoint_is_uploaded_then_passed(sandbox, tmp_path):
+    teacher = tmp_path / "tf_efficientnet_b7"
+    teacher.mkdir()
+    (teacher / "teacher.json").write_text("{}")
+    commands = dry_run(sandbox, "tpu.sh", "run", TEACHER_CHECKPOINT=str(teacher), **TPU_ENV)
+    url = "gs://my-bucket/dna_jax/dna-test/teacher_checkpoint"
+    upload = commands.index(["gcloud", "storage", "rsync", "--recursive", str(teacher), url])
+    start = _start_command(commands)
+    assert commands.index(next(c for c in commands if flag_or_none(c, "--command") == start)) \
+        > upload  # uploaded before the workers start
+    assert start.endswith(f"{MAIN} --config.teacher.checkpoint={url}")
+
+
+def test_tpu_gcs_teacher_checkpoint_is_passed_as_is(sandbox):
+    url = "gs://weights/tf_efficientnet_b7"
+    commands = dry_run(sandbox, "tpu.sh", "run", TEACHER_CHECKPOINT=url + "/", **TPU_ENV)
+    assert not any(c[1:2] == ["storage"] for c in commands)
+    assert _start_command(commands).endswith(f"{MAIN} --config.teacher.checkpoint={url}")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "has no teacher.json"),
+    (lambda p: None, "must be a gs:// URL or a local teacher checkpoint folder"),
+])
+def test_tpu_bad_teacher_checkpoint_fails_before_anything(sandbox, tmp_path, make, message):
+    path = tmp_path / "teacher"
+    make(path)
+    proc = run_script(sandbox, "tpu.sh", "--dry-run", "up", check=False,
+                      TEACHER_CHECKPOINT=str(path), **TPU_ENV)
+    assert proc.returncode != 0 and message in proc.stderr and proc.stdout == ""
+
+
+def flag_or_none(argv, name):
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+    return values[0] if values else None
+
+
+# --------------------------------------------------------------------------------------
+# Every launcher command the READMEs show runs (as a dry run)
+
+
+def _documented_commands():
+    """(env, script, args) of each `launch/*.sh` command in README.md and launch/README.md."""
+    found = []
+    for readme in (REPO / "README.md", LAUNCH / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")  # join continued lines
+        for line in text.splitlines():
+            for match in re.finditer(
+                    r"((?:[A-Z_]+=\S+\s+)*)launch/(tpu|gpu)\.sh((?:[ \t]+[^`\n#|]*)?)", line):
+                env = dict(word.split("=", 1) for word in match.group(1).split())
+                found.append((str(readme.relative_to(REPO)), env, match.group(2) + ".sh",
+                              shlex.split(match.group(3))))
+    return found
+
+
+DOCUMENTED = _documented_commands()
+
+
+def test_the_readmes_show_launcher_commands():
+    scripts = {script for _, _, script, _ in DOCUMENTED}
+    assert scripts == {"tpu.sh", "gpu.sh"} and len(DOCUMENTED) >= 12
+
+
+@pytest.mark.parametrize("readme, env, script, args", DOCUMENTED,
+                         ids=[f"{r}:{s} {' '.join(a)}" for r, _, s, a in DOCUMENTED])
+def test_every_documented_launcher_command_dry_runs(sandbox, readme, env, script, args):
+    args = [a for a in args if a != "--dry-run"]
+    # the TPU settings of launch/README.md's step 2; a command's own variables come on top
+    full_env = dict(TPU_ENV, **env) if script == "tpu.sh" else dict(env)
+    dry_run(sandbox, script, *args, **full_env)
