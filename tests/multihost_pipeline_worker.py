@@ -1,9 +1,11 @@
 """One process of the multi-process pipeline test (tests/test_multihost.py): a whole tiny run.
 
 Run as `python multihost_pipeline_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG[:ARG] WORKDIR
-OUT.json`. Every process starts `jax.distributed` with a localhost coordinator (one CPU device
-each), runs `pipeline.run_pipeline` (or DNA+'s `progressive.run_progressive`) on the SAME
-workdir, and writes the figures it returned.
+OUT.json [LOCAL_DEVICES]`. Every process starts `jax.distributed` with a localhost coordinator
+(LOCAL_DEVICES CPU devices each, default 1), runs `pipeline.run_pipeline` (or DNA+'s
+`progressive.run_progressive`) on the SAME workdir, and writes the figures it returned. One
+process with 2 local devices is the 1-process run a 2-process run (1 device each) is compared
+with: the same 2-device mesh and the same compiled programs.
 """
 
 import json
@@ -12,7 +14,8 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+LOCAL_DEVICES = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
 
 import jax  # noqa: E402
 

@@ -131,6 +131,31 @@ def test_fashion_mnist_process_parts_are_disjoint_and_cover_the_split(training):
     assert set(parts[0]) | set(parts[1]) == set(range(reference.info.num_examples))
 
 
+@pytest.mark.parametrize("source", ["synthetic", "views"])
+def test_in_memory_global_batch_does_not_depend_on_the_process_count(source):
+    """Process p of 2 gets rows [p*L, (p+1)*L) of the global batch 1 process gets, at every
+    step (across an epoch boundary): a 2-process run trains on a 1-process run's batches."""
+    from dna_jax.data import views  # pylint: disable=import-outside-toplevel
+    cfg = _config(source="synthetic", num_examples=40, image_size=8, augment="crop_flip",
+                  crop_padding=2)
+
+    def batches(index, count):
+        if source == "views":
+            ds = views.make_view_dataset(cfg, "train", views.get_default_config(), 2, seed=3,
+                                         process_index=index, process_count=count)
+        else:
+            ds = data_lib.make_dataset(cfg, "train", training=True, seed=3,
+                                       process_index=index, process_count=count)
+        assert ds.info.num_batches == 5 and ds.info.local_batch_size == 8 // count
+        return _take(ds.host_batches(3), 4)
+
+    whole, parts = batches(0, 1), [batches(i, 2) for i in range(2)]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([part[step][key] for part in parts]), batch[key], err_msg=key)
+
+
 @needs_fmnist
 def test_fashion_mnist_resume_replays_the_uninterrupted_stream():
     cfg = _config(train_split="train[:48]", augment="crop_flip", crop_padding=2)

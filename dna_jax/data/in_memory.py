@@ -1,9 +1,13 @@
 """Batches from arrays held in host memory (offline Fashion-MNIST, synthetic data).
 
-Every batch is a pure function of (seed, step, process): the epoch's permutation is seeded by
-(seed, epoch, process) and the augmentation by (seed, step, process). Resuming at step s
-therefore replays exactly the batches an uninterrupted run would have seen, with no iterator
-state to checkpoint.
+Every training batch is a pure function of (seed, step): the epoch's permutation is seeded by
+(seed, epoch) and the augmentation by (seed, step), both over the GLOBAL batch, and process p
+of P keeps rows [p*L, (p+1)*L) of it (L = the local batch). Resuming at step s therefore
+replays exactly the batches an uninterrupted run would have seen, with no iterator state to
+checkpoint, and the global batch of a step is the same whatever the number of processes: a
+2-process run trains on the batches a 1-process run does (tests/test_multihost.py compares
+them). Every process holds the whole split and augments the whole global batch (these are
+small in-memory sets); a 1-process run is unchanged by this rule.
 """
 
 import re
@@ -88,21 +92,23 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, augment: str,
 def train_batches(images: np.ndarray, labels: np.ndarray, *, local_batch_size: int,
                   steps_per_epoch: int, seed: int, process_index: int, start_step: int,
                   augment: str, crop_padding: int, channels: int, mean: Sequence[float],
-                  std: Sequence[float]) -> Iterator[dict[str, np.ndarray]]:
-    """Endless shuffled, augmented batches of this process's examples, from start_step on."""
+                  std: Sequence[float], process_count: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Endless shuffled, augmented batches from start_step on: this process's rows of each
+    global batch of the whole split `images` (see the module docstring)."""
+    global_batch = local_batch_size * process_count
+    local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     step = start_step
     epoch, permutation = -1, None
     while True:
         this_epoch, position = divmod(step, steps_per_epoch)
         if this_epoch != epoch:
             epoch = this_epoch
-            permutation = np.random.default_rng([seed, epoch, process_index]).permutation(
-                len(images))
-        index = np.sort(permutation[position * local_batch_size:
-                                    (position + 1) * local_batch_size])
-        rng = np.random.default_rng([seed, 1 << 20, step, process_index])
-        batch = augment_batch(images[index], rng, augment, crop_padding)
-        yield {"image": normalize(batch, channels, mean, std), "label": labels[index]}
+            permutation = np.random.default_rng([seed, epoch, 0]).permutation(len(images))
+        index = np.sort(permutation[position * global_batch:(position + 1) * global_batch])
+        rng = np.random.default_rng([seed, 1 << 20, step, 0])
+        batch = augment_batch(images[index], rng, augment, crop_padding)[local]
+        yield {"image": normalize(batch, channels, mean, std), "label": labels[index][local]}
         step += 1
 
 

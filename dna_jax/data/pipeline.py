@@ -157,20 +157,20 @@ def _in_memory_dataset(cfg: Any, split: str, training: bool, seed: int, images: 
     images = in_memory.resize_images(images, size)
     mean, std = _normalisation(cfg, channels, default_mean, default_std)
     total = len(images)
-    local = slice(process_index, None, process_count)  # Disjoint parts, one per process.
-    images, labels = images[local], labels[local]
-    if training:
-        num_batches = (total // process_count) // local_batch
+    if training:  # every process draws the global batch and keeps its rows (in_memory)
+        num_batches = total // global_batch
         if num_batches == 0:
             raise ValueError(f"{total} examples give no full batch of {global_batch}.")
 
         def host_fn(start_step: int) -> Iterator[dict]:
             return in_memory.train_batches(
                 images, labels, local_batch_size=local_batch, steps_per_epoch=num_batches,
-                seed=seed, process_index=process_index, start_step=start_step,
-                augment=cfg.augment, crop_padding=cfg.crop_padding, channels=channels,
-                mean=mean, std=std)
+                seed=seed, process_index=process_index, process_count=process_count,
+                start_step=start_step, augment=cfg.augment, crop_padding=cfg.crop_padding,
+                channels=channels, mean=mean, std=std)
     else:
+        local = slice(process_index, None, process_count)  # Disjoint parts, one per process.
+        images, labels = images[local], labels[local]
         num_batches = tfds_source.local_eval_batches(total, process_count, local_batch)
 
         def host_fn(start_step: int) -> Iterator[dict]:

@@ -187,24 +187,27 @@ def _normalise(views: np.ndarray, channels: int, mean: Sequence[float],
 def view_batches(images: np.ndarray, labels: np.ndarray, *, local_batch_size: int,
                  steps_per_epoch: int, seed: int, process_index: int, start_step: int,
                  num_views: int, size: int, channels: int, mean: Sequence[float],
-                 std: Sequence[float], cfg: Any, shuffle: bool = True
+                 std: Sequence[float], cfg: Any, shuffle: bool = True, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of `num_views` views from `start_step` on, a pure function of
-    (seed, step, process). Without `shuffle`, batches follow the data order (rating)."""
+    (seed, step): this process's rows of the global batch drawn (and augmented) from the
+    whole split, as `in_memory.train_batches` does, so the global batch does not depend on
+    the number of processes. Without `shuffle`, batches follow the data order (rating)."""
+    global_batch = local_batch_size * process_count
+    local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     step = start_step
     epoch, permutation = -1, np.arange(len(images))
     while True:
         this_epoch, position = divmod(step, steps_per_epoch)
         if shuffle and this_epoch != epoch:
             epoch = this_epoch
-            permutation = np.random.default_rng([seed, epoch, process_index]).permutation(
-                len(images))
-        index = permutation[position * local_batch_size:(position + 1) * local_batch_size]
+            permutation = np.random.default_rng([seed, epoch, 0]).permutation(len(images))
+        index = permutation[position * global_batch:(position + 1) * global_batch]
         if shuffle:
             index = np.sort(index)
-        rng = np.random.default_rng([seed, 1 << 21, step, process_index])
-        views = augment_views(images[index], rng, num_views, size, cfg)
-        yield {"views": _normalise(views, channels, mean, std), "label": labels[index]}
+        rng = np.random.default_rng([seed, 1 << 21, step, 0])
+        views = augment_views(images[index], rng, num_views, size, cfg)[local]
+        yield {"views": _normalise(views, channels, mean, std), "label": labels[index][local]}
         step += 1
 
 
@@ -343,13 +346,12 @@ def make_view_dataset(data_cfg: Any, split: str, augment_cfg: Any, num_views: in
         size = data_cfg.image_size or images.shape[1]
         channels = data_cfg.channels or images.shape[3]
         mean, std = _normalisation(data_cfg, channels, default_mean, default_std)
-        total = len(images)
-        local = slice(process_index, None, process_count)
-        images, labels = images[local], labels[local]
-        num_batches = (total // process_count) // local_batch
+        total = len(images)  # every process draws the global batch (view_batches)
+        num_batches = total // global_batch
         host_fn = functools.partial(view_batches, images, labels,
                                     steps_per_epoch=max(1, num_batches), size=size,
-                                    channels=channels, mean=mean, std=std, **common)
+                                    channels=channels, mean=mean, std=std,
+                                    process_count=process_count, **common)
     if num_batches == 0:
         raise ValueError(f"{split}: {total} examples give no full batch of {global_batch}.")
     info = DatasetInfo(total, num_classes, (size, size, channels), global_batch, local_batch,
