@@ -18,6 +18,7 @@ import importlib
 
 import fsspec
 from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
 
@@ -67,6 +68,7 @@ def fake_gcs(monkeypatch) -> Iterator[dict]:
     FakeGCS.store = {}
     saved = {name: fsspec.registry.get(name) for name in ("gs", "gcs")}
     monkeypatch.setenv("EPATH_USE_TF", "false")  # epath's fsspec backend, as without TF
+    epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  # cached
     for name in ("gs", "gcs"):
         fsspec.register_implementation(name, FakeGCS, clobber=True)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -80,4 +82,6 @@ def fake_gcs(monkeypatch) -> Iterator[dict]:
             else:
                 fsspec.register_implementation(name, cls, clobber=True)
         epath_backend.fsspec_backend._get_filesystem.cache_clear()
+        monkeypatch.delenv("EPATH_USE_TF", raising=False)
+        epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
         FakeGCS.store = {}

@@ -24,6 +24,7 @@ def root(request, tmp_path, monkeypatch):
 
 
 def test_fake_gcs_is_reached_through_epaths_gs_backend(monkeypatch):
+    assert epath.Path("gs://bucket/x")._backend is epath_backend.tf_backend  # TF is installed
     with fake_gcs(monkeypatch) as store:
         path = epath.Path("gs://bucket/x.json")
         assert path._backend is epath_backend.fsspec_backend  # what a gs:// path uses without TF
@@ -31,6 +32,7 @@ def test_fake_gcs_is_reached_through_epaths_gs_backend(monkeypatch):
         files.write_text("gs://bucket/x.json", "{}")
         assert list(store) == ["/bucket/x.json"]
     assert not os.path.exists("gs:")
+    assert epath.Path("gs://bucket/x")._backend is epath_backend.tf_backend
 
 
 def test_urls_stay_urls():
