@@ -5,6 +5,8 @@
 so a lock left by a dead process is simply taken over) plus the holder's host, pid, start
 time and command written inside it, which a refused run reports. In a multi-process run only
 process 0 takes the lock; the other processes learn its outcome from it (one broadcast).
+A remote workdir (gs://) has no file lock: its lock.json only records the holder and names a
+previous one in the log (`WorkdirLock._record_remote`).
 
 `clean_temporaries(workdir)` removes what an interrupted write leaves behind: atomic-write
 temporaries (`*.tmp` files), staging folders (`*.tmp`, `*.tmp-*`, `*.old`) and Orbax's

@@ -40,7 +40,8 @@ def save_supernet(directory: str, variables: dict) -> None:
     """Saves supernet variables (Orbax) and a shape manifest, atomically.
 
     Everything is written to `directory.tmp`, then renamed to `directory` (an older artifact
-    there is replaced only once the new one is complete). Every process calls this.
+    there is replaced only once the new one is complete; on gs:// a rename copies the objects,
+    so it is not atomic, but the stage's manifest comes later). Every process calls this.
     """
     directory = files.absolute(directory)
     tmp, old = directory + ".tmp", directory + ".old"
