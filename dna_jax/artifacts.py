@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from dna_jax import files
 
 MANIFEST = "manifest.json"
 
@@ -28,29 +29,9 @@ class ConfigChangedError(RuntimeError):
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """The one atomic write of the library's small files: a temporary file in the same folder,
-    flushed and fsynced, then renamed over `path` (a reader sees the old file or the new one,
-    never half of one). A remote path (gs://...) is written in one request through
-    etils.epath: object stores replace objects whole."""
-    if "://" in os.fspath(path):
-        from etils import epath  # pylint: disable=import-outside-toplevel
-        target = epath.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """The one atomic write of the library's small files (dna_jax.files.write_bytes: a
+    temporary file, fsynced and renamed locally; one request to an object store)."""
+    files.write_bytes(path, data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -64,8 +45,7 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(files.read_text(path))
     except FileNotFoundError:
         raise
     except json.JSONDecodeError as e:
@@ -128,7 +108,7 @@ def stage_status(stage_dir: str, digest: str) -> str:
     checkpoints, and writes a new manifest), with a warning naming the file.
     """
     path = os.path.join(stage_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return "missing"
     try:
         manifest = read_json(path)

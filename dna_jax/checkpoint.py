@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dna_jax import files
 from dna_jax import integrity
 from dna_jax import multihost
 
@@ -52,7 +53,7 @@ def nonfinite_leaves(tree: Any) -> tuple[list[str], int]:
 
 
 def _absolute(directory: str) -> str:
-    return directory if "://" in directory else os.path.abspath(directory)
+    return files.absolute(directory)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -174,15 +175,15 @@ class Checkpointer:
         """Records the checksums of every finished step that has none (process 0), after the
         pending async save is on disk; drops those of steps Orbax has deleted."""
         self._manager.wait_until_finished()
-        if multihost.is_writer() and os.path.isdir(self.directory):
+        if multihost.is_writer() and files.isdir(self.directory):
             steps = set(self.all_steps())
             for step in steps:
                 if not integrity.sidecar(self._step_dir(step)).exists():
                     integrity.record_sidecar(self._step_dir(step))
-            for name in os.listdir(self.directory):
+            for name in files.listdir(self.directory):
                 head, _, tail = name.partition(".")
                 if tail == "sha256.json" and head.isdigit() and int(head) not in steps:
-                    os.remove(os.path.join(self.directory, name))
+                    files.remove(os.path.join(self.directory, name))
         multihost.barrier("checkpoint checksums recorded")
 
     def _verify(self, step: int) -> str:
@@ -203,8 +204,8 @@ class Checkpointer:
         path = self._step_dir(step)
         stamp = time.strftime('%Y%m%d-%H%M%S')
         moved = f"{path}.unusable-{stamp}"
-        if multihost.is_writer() and os.path.exists(path):
-            os.replace(path, moved)
+        if multihost.is_writer() and files.exists(path):
+            files.move(path, moved)
             checksums = integrity.sidecar(path)
             if checksums.exists():  # kept with the step it describes
                 checksums.rename(os.path.join(moved, "recorded.sha256.json"))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dna_jax import artifacts, costs, multihost, rating_table
+from dna_jax import artifacts, costs, files, multihost, rating_table
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
@@ -176,22 +176,22 @@ def load_supernet_variables(path: str) -> dict[str, PyTree]:
     Raises:
       ValueError: naming the folder if it is missing or holds neither layout.
     """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = files.absolute(path)
+    if not files.isdir(path):
         raise ValueError(f"{path}: supernet checkpoint folder does not exist")
     from dna_jax.supernet import artifact as artifact_lib  # pylint: disable=import-outside-toplevel
     from dna_jax import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
-    if os.path.exists(os.path.join(path, teacher_lib.METADATA_FILE)) or os.path.exists(
+    if files.exists(os.path.join(path, teacher_lib.METADATA_FILE)) or files.exists(
             os.path.join(os.path.dirname(path), teacher_lib.METADATA_FILE)):
         raise ValueError(f"{path} is a teacher checkpoint ({teacher_lib.METADATA_FILE}), not a "
                          "supernet: give the distill stage's output, <workdir>/distill/supernet")
-    if os.path.exists(os.path.join(path, artifact_lib.SUPERNET_MANIFEST)):
+    if files.exists(os.path.join(path, artifact_lib.SUPERNET_MANIFEST)):
         path = os.path.join(path, artifact_lib.SUPERNET_ITEM)  # the pipeline's artifact folder
-    steps = [int(name) for name in os.listdir(path) if name.isdigit()]
+    steps = [int(name) for name in files.listdir(path) if name.isdigit()]
     if steps:
         path = os.path.join(path, str(max(steps)))
         for item in ("default", "state"):  # CheckpointManager item folders
-            if os.path.isdir(os.path.join(path, item)):
+            if files.isdir(os.path.join(path, item)):
                 path = os.path.join(path, item)
                 break
     try:
@@ -276,12 +276,12 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
     report = {"inherited": [], "fresh": []}
     if supernet_variables is not None:
         variables, report = inherit_supernet_weights(space, arch, variables, supernet_variables)
-    out_dir = os.path.abspath(out_dir)
+    out_dir = files.absolute(out_dir)
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
     if multihost.is_writer():  # small files: process 0 (dna_jax.multihost)
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(summary_path):
-            os.remove(summary_path)  # the old export is incomplete from here on
+        files.makedirs(out_dir)
+        if files.exists(summary_path):
+            files.remove(summary_path)  # the old export is incomplete from here on
     multihost.barrier("export: the old summary removed")
     _save_variables(os.path.join(out_dir, VARIABLES_DIR), variables)  # every process (Orbax)
     summary = _summary(space, arch, module.spec, variables, report, num_classes, resolution,
@@ -341,9 +341,9 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
     Raises:
       ValueError: naming the folder if the export is missing, incomplete or inconsistent.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = files.absolute(out_dir)
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
-    if not os.path.exists(summary_path):
+    if not files.exists(summary_path):
         raise ValueError(f"{out_dir}: no complete export ({SUMMARY_FILE} is missing)")
     summary = artifacts.read_json(summary_path)
     if summary.get("format") != EXPORT_FORMAT:
@@ -351,8 +351,7 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
                          f"{EXPORT_FORMAT!r}")
     arch_path = os.path.join(out_dir, ARCH_FILE)
     try:
-        with open(arch_path, encoding="utf-8") as f:
-            arch = Arch.from_json(f.read())
+        arch = Arch.from_json(files.read_text(arch_path))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{arch_path} is not a readable architecture ({type(error).__name__}: "
                          f"{error}); export it again (in a pipeline workdir: remove "
@@ -447,12 +446,11 @@ def _run(args) -> dict:
     else:
         if args.budget:
             raise ValueError("--budget applies to --table-dir, not to --arch")
-        if not os.path.exists(args.arch):
+        if not files.exists(args.arch):
             raise ValueError(f"{args.arch}: architecture file does not exist")
-        with open(args.arch, encoding="utf-8") as f:
-            choice = Arch.from_json(f.read())
-        source = os.path.dirname(os.path.abspath(args.arch))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(source.rstrip("/"))),
+        choice = Arch.from_json(files.read_text(args.arch))
+        source = os.path.dirname(files.absolute(args.arch))
+    out = args.out or os.path.join(os.path.dirname(files.absolute(source.rstrip("/"))),
                                    "export")
     supernet = load_supernet_variables(args.supernet) if args.supernet else None
     summary = export_winner(space, choice, out, num_classes=args.num_classes,

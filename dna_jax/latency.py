@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dna_jax import artifacts
+from dna_jax import files
 from dna_jax.rating_table import BlockTable
 
 LATENCY_FORMAT = "dna_jax.latency/1"
@@ -137,10 +138,9 @@ def load_latency_table(path: str | os.PathLike) -> LatencyTable:
         unparsable or negative values, or a duplicate key.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise ValueError(f"{path}: latency table file does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = files.read_text(path)
     if path.endswith(".json"):
         return _from_json(path, text)
     if path.endswith(".csv"):

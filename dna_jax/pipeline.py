@@ -32,6 +32,7 @@ import ml_collections
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax import multihost
 from dna_jax import rate as rate_lib
@@ -226,14 +227,14 @@ def runner(ctx: Context, stage: str) -> Callable[[Context], dict[str, Any]]:
 def _move_aside(stage_dir: str) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = f"{stage_dir}.replaced-{stamp}"
-    os.replace(stage_dir, target)
+    files.move(stage_dir, target)
     return target
 
 
 def _check_started(ctx: Context, stage: str) -> None:
     """A half-done stage of another config must not be resumed with this one."""
     path = os.path.join(ctx.stage_dir(stage), STARTED_FILE)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return
     started = artifacts.read_json(path)
     if started.get("config_hash") == ctx.digests[stage]:
@@ -348,8 +349,11 @@ def _use_compilation_cache(setting: str, workdir: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     # A size limit turns on JAX's file lock: without it a process sharing the cache (multi-
-    # process runs on one host) can read another's half-written executable and abort.
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    # process runs on one host) can read another's half-written executable and abort. On a
+    # remote cache (gs://) that lock would be a local file named after the URL: no limit there
+    # (objects are written whole).
+    if not files.is_remote(path):
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     logging.info("persistent compilation cache: %s", path)
 
 
@@ -362,14 +366,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
       report's summary when the report stage ran (teacher_accuracy, winner_accuracy,
       teacher_macs, winner_macs, ...), else the last stage's figures under its name}.
     """
-    check_config(config, workdir=os.path.abspath(workdir),
+    check_config(config, workdir=files.absolute(workdir),
                  devices=mesh.devices.size if mesh is not None else None)
     config = complete_config(config)
     watch = metrics_lib.Stopwatch()
     mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
-    ctx = Context(config=config, workdir=os.path.abspath(workdir), mesh=mesh,
+    ctx = Context(config=config, workdir=files.absolute(workdir), mesh=mesh,
                   digests=stage_digests(config), kind=supervision.of(config))
-    os.makedirs(ctx.workdir, exist_ok=True)
+    files.makedirs(ctx.workdir)
     _use_compilation_cache(config.compilation_cache, ctx.workdir)
     ran: dict[str, str] = {}
     figures: dict[str, Any] = {}

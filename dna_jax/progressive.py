@@ -30,6 +30,7 @@ and `progressive.png` (accuracy vs multiply-adds of every round's teacher and wi
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ import jax
 import ml_collections
 
 from dna_jax import artifacts
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax import pipeline
 from dna_jax import stage_context
@@ -202,7 +204,7 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
     """
     check_config(config)
     watch = metrics_lib.Stopwatch()
-    workdir = os.path.abspath(workdir)
+    workdir = files.absolute(workdir)
     cfg = config.progressive
     rows: list[dict[str, Any]] = []
     stop_reason = None
@@ -250,7 +252,7 @@ def run_progressive(config: ml_collections.ConfigDict, workdir: str,
 
 def _check_previous_network(checkpoint: str, r: int) -> None:
     """Round r's teacher must exist: round r-1's retrain stage writes it."""
-    if not os.path.exists(os.path.join(checkpoint, "teacher.json")):
+    if not files.exists(os.path.join(checkpoint, "teacher.json")):
         raise pipeline.StageError(
             f"round {r}'s teacher {checkpoint} is missing although round {r - 1} is complete "
             f"(round {r - 1}'s retrain stage was made by an older dna_jax, which did not "
@@ -284,8 +286,9 @@ def plot_progress(rows: Sequence[dict[str, Any]], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    files.write_bytes(path, buffer.getvalue())
     plt.close(fig)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax import pipeline
 from dna_jax import ranking_stats
@@ -198,7 +199,7 @@ def sampled_archs(config: ml_collections.ConfigDict, ranking_dir: str) -> list[A
                               pool_size=config.ranking.pool_size,
                               resolution=record["resolution"], cost=config.ranking.stratify_cost)
     encodings = [[list(b) for b in a.blocks] for a in archs]
-    if os.path.exists(path):
+    if files.exists(path):
         saved = artifacts.read_json(path)
         if saved.get("sample") != record or saved.get("archs") != encodings:
             raise RankingError(
@@ -216,7 +217,7 @@ def sampled_archs(config: ml_collections.ConfigDict, ranking_dir: str) -> list[A
 
 def _check_or_none(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
     """A finished piece's result if it was made by the same config, None if absent."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
     saved = artifacts.read_json(path)
     if saved.get("key") != artifacts.to_jsonable(key):
@@ -279,7 +280,7 @@ def dna_scores(table_dir: str, space: SearchSpace, archs: Sequence[Arch],
     tables = rating_table.load_space_tables(table_dir, space, resolution=resolution)
     columns: dict[str, list[np.ndarray]] = {"score": [t.score for t in tables]}
     for b, table in enumerate(tables):
-        if table.source.endswith(".npz") and os.path.exists(table.source):
+        if table.source.endswith(".npz") and files.exists(table.source):
             for name, values in rating_table.load_metrics(table.source).items():
                 columns.setdefault(f"metric_{name}", [None] * len(tables))[b] = values
     columns = {k: v for k, v in columns.items() if all(c is not None for c in v)}
@@ -384,15 +385,15 @@ def run_ranking(config: ml_collections.ConfigDict, workdir: str,
     check_config(config)
     watch = metrics_lib.Stopwatch()
     mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
-    workdir = os.path.abspath(workdir)
+    workdir = files.absolute(workdir)
     ranking_dir = os.path.join(workdir, "ranking")
-    os.makedirs(ranking_dir, exist_ok=True)
+    files.makedirs(ranking_dir)
     space = space_of(config)
     seconds: dict[str, float] = {}
 
     # DNA: the pipeline's teacher, distill and rate stages (reused when complete).
     part = metrics_lib.Stopwatch()
-    dna_workdir = os.path.abspath(config.dna_workdir or os.path.join(workdir, "dna"))
+    dna_workdir = files.absolute(config.dna_workdir or os.path.join(workdir, "dna"))
     run_dna_stages(config, dna_workdir, mesh)
     seconds["dna"] = part.elapsed()
 

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dna_jax import artifacts
+from dna_jax import files
 from dna_jax import integrity
 from dna_jax import costs as analytic
 
@@ -160,10 +161,10 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
       ValueError: naming the file and the problem.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise ValueError(f"{path}: block table file does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with files.open_file(path, "rb") as f, np.load(f, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except Exception as error:  # zipfile / format errors have many types
         raise ValueError(f"{path}: not a readable .npz block table ({error})") from error
@@ -231,12 +232,12 @@ def load_space_tables(table_dir: str | os.PathLike, space, *, resolution: int | 
         that do not match the space.
     """
     table_dir = os.fspath(table_dir)
-    if not os.path.isdir(table_dir):
+    if not files.isdir(table_dir):
         raise ValueError(f"{table_dir}: rating table folder does not exist")
     tables = []
     for b, block in enumerate(space.blocks):
         path = table_path(table_dir, space, b)
-        if not os.path.exists(path) and block.fixed_ops is not None:
+        if not files.exists(path) and block.fixed_ops is not None:
             encodings = np.asarray([block.fixed_ops], np.int32)
             table = BlockTable(encodings, np.zeros(1), {}, source=f"<fixed {block.name}>")
         else:
@@ -352,14 +353,14 @@ def verify_table(path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     summary_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.exists(summary_path) or not os.path.exists(path):
+    if not files.exists(summary_path) or not files.exists(path):
         return
     try:
         recorded = artifacts.read_json(summary_path).get("npz_sha256")
     except ValueError:
         return  # an unreadable summary is reported by whoever needs it
     if recorded and integrity.file_digest(path) != recorded:
-        manifest = os.path.join(os.path.dirname(os.path.abspath(path)), artifacts.MANIFEST)
+        manifest = os.path.join(os.path.dirname(files.absolute(path)), artifacts.MANIFEST)
         raise ValueError(f"{path} is corrupt: its SHA-256 differs from the one {summary_path} "
                          f"recorded when it was written. Rate the block again: remove "
                          f"{manifest} (if present) and {path}, and rerun the rate stage (the "
@@ -414,7 +415,7 @@ def block_fit(out_dir: str, block_name: str) -> dict | None:
     """A rated block's fit summary (`dna_jax.rate.fit_summary`) from its JSON summary (None
     if absent: e.g. a table written by an older version)."""
     path = os.path.join(out_dir, f"{block_name}.json")
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
     return artifacts.read_json(path).get("rating", {}).get("fit_mse_var")
 

@@ -8,10 +8,10 @@ supervision kind; the kind adds its own figures and lines (`Supervision.report_f
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Mapping
 
 from dna_jax import artifacts
+from dna_jax import files
 from dna_jax import stage_context
 from dna_jax.stage_context import Context
 
@@ -58,9 +58,9 @@ def run_report(ctx: Context) -> dict[str, Any]:
     if stage_context.is_main_process():
         for name in PLOTS:
             source = os.path.join(ctx.stage_dir("search"), name)
-            if os.path.exists(source):
-                os.makedirs(stage_dir, exist_ok=True)
-                shutil.copyfile(source, os.path.join(stage_dir, name))
+            if files.exists(source):
+                files.makedirs(stage_dir)
+                files.copyfile(source, os.path.join(stage_dir, name))
         artifacts.write_json(os.path.join(ctx.workdir, SUMMARY_FILE), summary)
         artifacts.write_text(os.path.join(ctx.workdir, REPORT_FILE), render_report(summary, ctx))
     return summary
@@ -69,7 +69,7 @@ def run_report(ctx: Context) -> dict[str, Any]:
 def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
     """The human-readable report (markdown)."""
     lines = [
-        f"# {ctx.kind.label} run: {os.path.abspath(ctx.workdir)}", "",
+        f"# {ctx.kind.label} run: {files.absolute(ctx.workdir)}", "",
         f"Space `{ctx.kind.space_name(ctx.config)}` ({ctx.space.size():,} architectures), "
         f"budget {summary['budget']}.", "",
         "| | teacher | winner |", "|---|---|---|",

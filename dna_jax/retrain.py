@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax.errors import NonFiniteLossError
@@ -386,11 +387,10 @@ def _save_finite(checkpointer: checkpoint_lib.Checkpointer, step: int, state: Tr
 
 def _read_summaries(workdir: str) -> dict[str, dict[str, float]]:
     path = os.path.join(workdir, TRAIN_SUMMARY_FILE)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return {}
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(files.read_text(path))
     except (OSError, ValueError):
         logging.warning("%s is unreadable; the train figures of a resumed run may be NaN.", path)
         return {}

@@ -18,6 +18,7 @@ import ml_collections
 
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
+from dna_jax import files
 from dna_jax import multihost
 from dna_jax.space import SearchSpace
 
@@ -67,7 +68,7 @@ def is_main_process() -> bool:
 def resolve_workdir_path(path: str, workdir: str) -> str:
     """`path` with a leading '{workdir}' replaced by `workdir` (keeps workdirs movable)."""
     if path.startswith(WORKDIR_PLACEHOLDER):
-        return os.path.normpath(workdir + path[len(WORKDIR_PLACEHOLDER):])
+        return files.normpath(workdir + path[len(WORKDIR_PLACEHOLDER):])
     return path
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -36,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from dna_jax import files
 from dna_jax import integrity
 from dna_jax.models import zoo
 from dna_jax.models.efficientnet import EfficientNet
@@ -158,8 +157,8 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
       FileExistsError: `directory` exists and `overwrite` is False.
       TeacherCheckpointError: `variables` do not fit the network.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not overwrite:
+    directory = files.absolute(directory)
+    if files.exists(directory) and not overwrite:
         raise FileExistsError(f"teacher checkpoint {directory} already exists (pass overwrite)")
     layer_config = layer_config or zoo.default_layer_config(name)
     if spec is not None:
@@ -183,9 +182,7 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
     }
     if spec is not None:
         metadata["network"] = network_spec_to_dict(spec)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    staging = files.staging_dir(directory)
     try:
         alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                    active_processes={jax.process_index()})
@@ -193,33 +190,31 @@ def save_teacher(directory: str | os.PathLike, name: str, variables: Mapping[str
             checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         # What load_teacher verifies first: a flipped byte restores into finite nonsense.
         metadata["checksums"] = integrity.tree_checksums(os.path.join(staging, VARIABLES_DIR))
-        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        files.write_text(os.path.join(staging, METADATA_FILE),
+                         json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if files.exists(directory):
+            files.rmtree(directory)
+        files.move(staging, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        files.rmtree(staging, missing_ok=True)
         raise
     return metadata
 
 
 def read_teacher_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """teacher.json of a teacher checkpoint, with clear errors for a missing or bad one."""
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = files.absolute(directory)
+    if not files.isdir(directory):
         raise FileNotFoundError(
             f"teacher checkpoint {directory} does not exist (or is not a directory); convert "
             "timm weights with `python -m dna_jax.porting.timm --model NAME --weights FILE "
             f"--out {directory}`")
     path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise TeacherCheckpointError(f"teacher checkpoint {directory}: {METADATA_FILE} is "
                                      "missing; this is not a dna_jax teacher checkpoint")
     try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
+        metadata = json.loads(files.read_text(path))
     except (OSError, ValueError) as e:
         raise TeacherCheckpointError(f"teacher checkpoint {directory}: cannot read {path}: "
                                      f"{e}") from e
@@ -283,7 +278,7 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
       TeacherCheckpointError: the checkpoint is incomplete, corrupt, or made for another
         network; the message names the path and lists every problem.
     """
-    directory = os.path.abspath(os.fspath(checkpoint_dir))
+    directory = files.absolute(checkpoint_dir)
     metadata = read_teacher_metadata(directory)
     num_classes = metadata["num_classes"] if num_classes is None else num_classes
     stored_network = "network" in metadata
@@ -303,7 +298,7 @@ def load_teacher(name: str, checkpoint_dir: str | os.PathLike, num_classes: int 
         model = zoo.get_model(name, num_classes=num_classes, layer_config=layer_config)
     expected = expected_variables(model)
     variables_dir = os.path.join(directory, VARIABLES_DIR)
-    if not os.path.isdir(variables_dir):
+    if not files.isdir(variables_dir):
         raise TeacherCheckpointError(f"teacher checkpoint {directory}: {VARIABLES_DIR}/ is "
                                      "missing")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 
 from dna_jax import costs as costs_lib
+from dna_jax import files
 from dna_jax import rate as rate_lib
 from dna_jax.space import SearchSpace
 
@@ -253,6 +254,8 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
       ConfigError: one or more values cannot work; every one is listed with its fix.
     """
     problems = Problems()
+    if workdir is not None and files.unsupported(workdir):
+        problems.lines.append(f"--workdir={workdir!r}: {files.unsupported(workdir)}")
     for field in required_fields(config):
         problems.add(field, None, f"is required and has no default: pass --config.{field}=...")
     for field, value in _floats(config):

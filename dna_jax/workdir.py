@@ -5,6 +5,8 @@
 so a lock left by a dead process is simply taken over) plus the holder's host, pid, start
 time and command written inside it, which a refused run reports. In a multi-process run only
 process 0 takes the lock; the other processes learn its outcome from it (one broadcast).
+A remote workdir (gs://) has no file lock: its lock.json only records the holder and names a
+previous one in the log (`WorkdirLock._record_remote`).
 
 `clean_temporaries(workdir)` removes what an interrupted write leaves behind: atomic-write
 temporaries (`*.tmp` files), staging folders (`*.tmp`, `*.tmp-*`, `*.old`) and Orbax's
@@ -22,11 +24,11 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 from typing import Any, Iterator
 
+from dna_jax import files
 from dna_jax import multihost
 
 LOCK_FILE = "lock.json"
@@ -66,15 +68,27 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _me() -> dict[str, Any]:
+    """This run's details, written into the lock file."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a
+                                for i, a in enumerate(sys.argv))[:300]}
+
+
 class WorkdirLock:
     """An acquired lock on one workdir (process-local); `release` or use as a context."""
 
     def __init__(self, workdir: str) -> None:
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+        self.path = os.path.join(files.absolute(workdir), LOCK_FILE)
         self._fd: int | None = None
+        self._remote = files.is_remote(self.path)
 
     def acquire(self) -> "WorkdirLock":
         """Takes the lock or raises WorkdirLockedError naming the holder."""
+        if self._remote:
+            return self._record_remote()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -95,11 +109,7 @@ class WorkdirLock:
                      else "no longer holding it")
             logging.warning("workdir lock: taking over the stale lock of %s (%s).",
                             _holder_text(previous), state)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds"),
-              "command": " ".join(os.path.basename(a) if i == 0 else a
-                                  for i, a in enumerate(sys.argv))[:300]}
+        me = _me()
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(me, indent=2) + "\n").encode())
@@ -107,9 +117,32 @@ class WorkdirLock:
         self._fd = fd
         return self
 
+    def _record_remote(self) -> "WorkdirLock":
+        """A remote workdir (gs://) has no file lock: the holder is recorded in lock.json, a
+        previous holder is named in the log, nothing is excluded (a preempted run must be able
+        to rerun; two live runs on one remote workdir are the user's to avoid)."""
+        previous: dict[str, Any] = {}
+        if files.exists(self.path):
+            try:
+                loaded = json.loads(files.read_text(self.path) or "{}")
+                previous = loaded if isinstance(loaded, dict) else {}
+            except ValueError:
+                previous = {}
+        if previous:
+            logging.warning("workdir lock: %s names %s; a remote workdir cannot be locked, so "
+                            "this run continues (make sure that run has stopped).", self.path,
+                            _holder_text(previous))
+        files.write_text(self.path, json.dumps(_me(), indent=2) + "\n")
+        self._fd = -1
+        return self
+
     def release(self) -> None:
         """Empties the file and drops the lock (the file stays: a later run re-locks it)."""
         if self._fd is None:
+            return
+        if self._remote:
+            self._fd = None
+            files.write_text(self.path, "")
             return
         fd, self._fd = self._fd, None
         try:
@@ -166,25 +199,25 @@ def clean_temporaries(workdir: str) -> list[str]:
 
 def _remove_temporaries(workdir: str) -> list[str]:
     removed: list[str] = []
-    if not os.path.isdir(workdir):
+    if not files.isdir(workdir):
         return removed
-    for root, dirs, files in os.walk(workdir):
+    for root, dirs, names in files.walk(workdir):
         keep = []
         for name in dirs:
             path = os.path.join(root, name)
             if name in _SKIP_DIRS or ".replaced-" in name:
                 continue
             if _is_temporary(name):
-                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    files.rmtree(path, missing_ok=True)
                 removed.append(path)
             else:
                 keep.append(name)
         dirs[:] = keep
-        for name in files:
+        for name in names:
             if _is_temporary(name):
                 path = os.path.join(root, name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                files.remove(path, missing_ok=True)
                 removed.append(path)
     for path in removed:
         logging.info("removed a stale temporary: %s", path)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from dna_jax import files
 from dna_jax import teacher
 from dna_jax.models import zoo
 from dna_jax.models.efficientnet import EFFICIENTNET_PARAMS
@@ -466,7 +467,7 @@ def convert_checkpoint(name: str, weights: Any, out: str | os.PathLike,
         source["parity"] = parity
     metadata = teacher.save_teacher(out, arch, variables, num_classes, source=source,
                                     preprocessing=preprocessing, overwrite=overwrite)
-    summary.update(params=metadata["param_count"], out=os.path.abspath(os.fspath(out)),
+    summary.update(params=metadata["param_count"], out=files.absolute(out),
                    preprocessing=preprocessing, seconds=round(time.time() - start, 2))
     log(f"saved {metadata['param_count']:,} parameters to {summary['out']} "
         f"(input {preprocessing['input_size']}, mean {preprocessing['mean']}, "
@@ -497,9 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = convert_checkpoint(args.model, args.weights, args.out, args.num_classes,
                                  key=args.key, allow_pickle=args.allow_pickle,
                                  overwrite=args.overwrite, verify_size=args.verify)
-    with open(os.path.join(summary["out"], "conversion.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write("\n")
+    files.write_text(os.path.join(summary["out"], "conversion.json"),
+                     json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dna_jax import files
 from dna_jax import integrity
 from dna_jax import multihost
 
@@ -40,27 +40,27 @@ def save_supernet(directory: str, variables: dict) -> None:
     """Saves supernet variables (Orbax) and a shape manifest, atomically.
 
     Everything is written to `directory.tmp`, then renamed to `directory` (an older artifact
-    there is replaced only once the new one is complete). Every process calls this.
+    there is replaced only once the new one is complete; on gs:// a rename copies the objects,
+    so it is not atomic, but the stage's manifest comes later). Every process calls this.
     """
-    directory = os.path.abspath(directory)
+    directory = files.absolute(directory)
     tmp, old = directory + ".tmp", directory + ".old"
     if multihost.is_writer():
         for path in (tmp, old):
-            shutil.rmtree(path, ignore_errors=True)
+            files.rmtree(path, missing_ok=True)
     multihost.barrier("supernet staging cleared")  # nobody saves into a folder being removed
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, SUPERNET_ITEM), variables)
     checkpointer.wait_until_finished()
     checkpointer.close()
     if multihost.is_writer():
-        with open(os.path.join(tmp, SUPERNET_MANIFEST), "w") as f:
-            json.dump({"format": "dna_jax.supernet/1", "shapes": _flat_shapes(variables),
-                       "checksums": integrity.tree_checksums(os.path.join(tmp, SUPERNET_ITEM))},
-                      f)
-        if os.path.exists(directory):
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        files.write_text(os.path.join(tmp, SUPERNET_MANIFEST), json.dumps(
+            {"format": "dna_jax.supernet/1", "shapes": _flat_shapes(variables),
+             "checksums": integrity.tree_checksums(os.path.join(tmp, SUPERNET_ITEM))}))
+        if files.exists(directory):
+            files.move(directory, old)
+        files.move(tmp, directory)
+        files.rmtree(old, missing_ok=True)
     multihost.barrier("supernet saved")
 
 
@@ -76,7 +76,7 @@ def _redo_hint(directory: str) -> str:
     """How to make the supernet again (a pipeline's distill stage is skipped while its
     manifest says complete: remove the manifest and the stage resumes from its checkpoints)."""
     manifest = os.path.join(os.path.dirname(directory), "manifest.json")
-    if os.path.exists(manifest):
+    if files.exists(manifest):
         return (f"remove {manifest} (nothing else) and rerun: the distill stage then resumes "
                 "from its checkpoints and saves the supernet again")
     return "distil it again"
@@ -97,18 +97,17 @@ def load_supernet(directory: str, distiller_or_abstract: Any, mesh: Mesh | None 
       SupernetCheckpointError: the directory or its manifest is missing, the saved shapes do
         not match the expected ones (the first differences are named), or Orbax cannot read it.
     """
-    directory = os.path.abspath(directory)
+    directory = files.absolute(directory)
     abstract = (distiller_or_abstract.abstract_variables()
                 if hasattr(distiller_or_abstract, "abstract_variables")
                 else distiller_or_abstract)
     manifest_path = os.path.join(directory, SUPERNET_MANIFEST)
-    if not os.path.exists(manifest_path):
+    if not files.exists(manifest_path):
         raise SupernetCheckpointError(
             f"no supernet in {directory} (missing {SUPERNET_MANIFEST}); run the distill stage "
             "or point to its output directory")
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(files.read_text(manifest_path))
         found = manifest["shapes"]
     except (OSError, ValueError, KeyError) as error:
         raise SupernetCheckpointError(f"{manifest_path} is corrupt ({error}); "

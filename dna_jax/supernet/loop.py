@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dna_jax import artifacts
 from dna_jax import checkpoint as checkpoint_lib
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax.compile_options import compile_lowered
 from dna_jax.errors import NonFiniteLossError
@@ -147,7 +148,7 @@ class History:
     def __init__(self, path: str, resume_step: int, **fields: Any) -> None:
         self.path = path
         self.data: dict[str, Any] = {"train": [], **fields}
-        if resume_step and os.path.exists(path):
+        if resume_step and files.exists(path):
             saved = artifacts.read_json(path)
             for key, value in self.data.items():
                 value = saved.get(key, value)

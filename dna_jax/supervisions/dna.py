@@ -22,6 +22,7 @@ import numpy as np
 
 from dna_jax import data as data_lib
 from dna_jax import distill as distill_lib
+from dna_jax import files
 from dna_jax import metrics as metrics_lib
 from dna_jax import multihost
 from dna_jax import rate as rate_lib
@@ -284,7 +285,7 @@ def reference_spec(config: ml_collections.ConfigDict, workdir: str | None):
             if cfg.checkpoint.startswith(stage_context.WORKDIR_PLACEHOLDER) and workdir is None:
                 return None
             path = stage_context.resolve_workdir_path(cfg.checkpoint, workdir or "")
-            if not os.path.isdir(path):
+            if not files.isdir(path):
                 return None
             return teacher_lib.teacher_network_spec(cfg.name, path)
         return zoo.get_network_spec(cfg.name)
@@ -318,6 +319,9 @@ def reference_static_cost(config: ml_collections.ConfigDict, teacher_spec, class
 def validate(problems: validate_lib.Problems, config: ml_collections.ConfigDict,
              stages: Sequence[str], devices: int, workdir: str | None) -> None:
     """teacher.train (a teacher trained here) and the distillation section."""
+    checkpoint = config.teacher.checkpoint
+    if checkpoint and files.unsupported(checkpoint):
+        problems.add("teacher.checkpoint", checkpoint, files.unsupported(checkpoint))
     if "teacher" in stages and not config.teacher.checkpoint:
         spec = reference_spec(config, workdir)
         validate_lib.check_trainer(problems, config.teacher.train, "teacher.train", devices,
