@@ -17,7 +17,8 @@ block is reused by the next call instead of being returned to the kernel. Peak m
 unchanged (what a call needs, it needs either way); the process keeps its high-water mark
 instead of giving pages back between calls. It must run before JAX starts its CPU backend
 (threads created earlier keep their arenas), so the entry points call it first thing. A no-op
-off glibc, or with $DNA_JAX_KEEP_FREED_MEMORY=0.
+off glibc, or with $DNA_JAX_KEEP_FREED_MEMORY=0. `release_free_memory` gives the free pages back
+at the end of a job (the evaluator calls it after each rating).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int: trim only a free top of over 2 GiB
 _applied: bool | None = None
+_libc = None
 
 
 def keep_freed_memory() -> bool:
@@ -56,4 +58,17 @@ def keep_freed_memory() -> bool:
         return False
     _applied = bool(mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0)
                     and mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    if _applied:
+        global _libc
+        _libc = libc
     return _applied
+
+
+def release_free_memory() -> None:
+    """Hands the heap's free pages back to the kernel (`malloc_trim(0)`) when the options of
+    `keep_freed_memory` are in effect; call it after a large job (e.g. rating a block), so a
+    process that goes on to other work does not hold the job's high-water mark and its
+    fragmentation (measured: a second rating of block 1 in the same process grew the peak from
+    4.5 to 5.9 GB without it). Costs the page faults of refilling the heap once, not per call."""
+    if _libc is not None:
+        _libc.malloc_trim(0)

@@ -31,7 +31,10 @@ def calls():  # in a worker thread, as XLA's
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 thread = threading.Thread(target=calls); thread.start(); thread.join()
-print(applied, faults[0])
+rss = lambda: int(open("/proc/self/statm").read().split()[1])
+before = rss()
+host_memory.release_free_memory()  # the freed 96 MiB block back to the kernel
+print(applied, faults[0], before - rss())
 """
 
 
@@ -42,15 +45,16 @@ def _run(env_value):
         env["DNA_JAX_KEEP_FREED_MEMORY"] = env_value
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", int(out[1]), int(out[2])
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc",
                     reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
-    applied, faults = _run(None)
-    off, faults_off = _run("0")
+    applied, faults, released = _run(None)
+    off, faults_off, _ = _run("0")
     assert applied and not off
     pages = 4 * 96 * 2 ** 20 // 4096  # 98,304 pages written in calls 2-5
     assert faults_off > pages // 2  # glibc's default: each block mmapped and faulted in again
     assert faults < pages // 20  # kept: the heap's freed block is reused
+    assert released > 96 * 2 ** 20 // 4096 // 2  # release_free_memory returns the free pages
