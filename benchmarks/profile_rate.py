@@ -27,10 +27,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import rate_throughput  # noqa: E402  (benchmarks/; first: it sets the host allocator up)
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import rate_throughput  # noqa: E402  (benchmarks/)
 from dna_jax import rate  # noqa: E402
 
 _MODE = flags.DEFINE_enum("profile_bn_mode", "recalibrate", rate.BN_MODES, "BatchNorm mode.")
@@ -106,7 +106,8 @@ def main(argv):
     figures.update({"bn_mode": mode, "space": space.name, "block": 1,
                     "batch": _PROFILE_BATCH.value, "cold_seconds": round(cold, 2),
                     "traced_warm_seconds": round(traced, 2), "trace": path,
-                    "load_average_1min": round(os.getloadavg()[0], 2)})
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                    "keep_freed_memory": rate_throughput.KEEP_FREED_MEMORY})
     print(f"bn_mode {mode}: cold {cold:.1f} s, traced warm call {traced:.1f} s (load average "
           f"{figures['load_average_1min']}, CPU shared); XLA op time by kind:")
     for kind, share in figures["share_by_kind"].items():

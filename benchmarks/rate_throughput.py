@@ -16,7 +16,9 @@ The prefix-shared time is one cold `BlockRater.rate` (compilation included; the 
 time of a second call is printed with `--warm`). The naive loop (one jitted whole-path forward
 per candidate, as the original) is timed on `--naive_sample` candidates and extrapolated to all
 of them (0 skips it); its one compilation is timed apart and added once. Both use the same
-convolution implementation (`--conv_impl`, 'auto' = shifted slices and matmuls on CPU). The
+convolution implementation (`--conv_impl`, 'auto' = shifted slices and matmuls on CPU) and
+the same host allocator options (`dna_jax.host_memory.keep_freed_memory`, applied at import;
+$DNA_JAX_KEEP_FREED_MEMORY=0 turns them off, for comparison). The
 last output line is one JSON object: the figures of the mode, or with `--bn_mode both` one
 object per mode under `modes`.
 """
@@ -27,6 +29,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dna_jax import host_memory  # noqa: E402
+
+KEEP_FREED_MEMORY = host_memory.keep_freed_memory()  # before JAX starts its CPU threads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -140,7 +146,7 @@ def measure(bn_mode: str, *, space_name: str = "dna_released", block_index: int 
         "gflops_warm": None if warm_s is None else round(2 * macs / warm_s / 1e9, 2),
         "batch": inputs.shape[1], "rating_batches": inputs.shape[0], "conv_impl": conv_impl,
         "jitted_functions": len(rater.trace_counts), "backend": jax.default_backend(),
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": os.cpu_count(), "keep_freed_memory": KEEP_FREED_MEMORY,
     }
     if naive_sample:
         sample = encodings[np.sort(np.random.default_rng(1).choice(n, naive_sample, False))]

@@ -18,7 +18,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from dna_jax import costs, space
+from dna_jax import costs, host_memory, space
 from dna_jax.models import zoo
 
 
@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(__doc__)
         return 0
+    host_memory.keep_freed_memory()  # before a command starts JAX's CPU threads
     result = COMMANDS[argv[0]](argv[1:])
     if isinstance(result, dict):
         print(json.dumps(result))

@@ -21,7 +21,7 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dna_jax import metrics, pipeline, progressive, sharding, validate
+from dna_jax import host_memory, metrics, pipeline, progressive, sharding, validate
 from dna_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,6 +72,7 @@ def main(argv: Sequence[str]) -> None:
 def run(argv: Sequence[str] | None = None) -> None:
     """Entry point; `argv` excludes the program name (None = sys.argv)."""
     args = sys.argv if argv is None else ["dna-jax run", *argv]
+    host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=args)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dna_jax import host_memory
 from dna_jax.compile_options import FAST_COMPILE
 from dna_jax.models import cpu_conv
 from dna_jax.models.supernet import SupernetBlock
@@ -171,6 +172,7 @@ class BlockRater:
             stats = self._recalibrate(trie, owners, recal_inputs, root, root_work, levels)
         values, rate_plan, group = self._rate_passes(
             trie, owners, inputs, targets, stats, root, root_work, levels, accumulate)
+        host_memory.release_free_memory()  # the walk's free blocks back to the kernel
         seconds = time.perf_counter() - start
         info = self._info(trie, levels, root_macs, rate_plan, group, inputs.shape[1],
                           len(inputs), 0 if recal_inputs is None else len(recal_inputs), seconds)
