@@ -47,6 +47,7 @@ import numpy as np
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
+from dna_jax import host_memory
 from dna_jax import metrics as metrics_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import sharding as sharding_lib
@@ -408,6 +409,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_bool("commit", False, "git-commit the JSON file after every finished run.")
     flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0 = all).")
     flags.mark_flags_as_required(["config", "workdir", "out"])
+    host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=sys.argv if argv is None else ["dna_jax.ground_truth", *argv])
 
 

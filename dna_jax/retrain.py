@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from dna_jax import checkpoint as checkpoint_lib
 from dna_jax import data as data_lib
 from dna_jax import files
+from dna_jax import host_memory
 from dna_jax import metrics as metrics_lib
 from dna_jax import sharding as sharding_lib
 from dna_jax.errors import NonFiniteLossError
@@ -608,6 +609,7 @@ def run(argv: list[str] | None = None) -> None:
     from absl import app  # pylint: disable=import-outside-toplevel
 
     define_flags()
+    host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=sys.argv if argv is None else ["dna-jax train", *argv])
 
 

@@ -74,6 +74,7 @@ import numpy as np
 from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import ground_truth
+from dna_jax import host_memory
 from dna_jax import metrics as metrics_lib
 from dna_jax import rating_table
 from dna_jax import retrain as retrain_lib
@@ -609,6 +610,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0 = all).")
     flags.DEFINE_bool("plan_only", False, "Print the contenders and train nothing.")
     flags.mark_flags_as_required(["config"])
+    host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=sys.argv if argv is None else ["dna_jax.search_effectiveness", *argv])
 
 

@@ -27,6 +27,7 @@ import ml_collections
 from dna_jax import artifacts
 from dna_jax import data as data_lib
 from dna_jax import ground_truth, ranking
+from dna_jax import host_memory
 from dna_jax import sharding as sharding_lib
 from dna_jax.space import Arch, get_space
 
@@ -86,6 +87,7 @@ def run(argv: Sequence[str] | None = None) -> None:
                           "val_accuracy_range": [min(out["scores"]), max(out["scores"])],
                           "seconds": out["seconds"]}, default=float), flush=True)
 
+    host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=sys.argv if argv is None else ["dna_jax.spos_scores", *argv])
 
 
