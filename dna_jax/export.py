@@ -8,6 +8,12 @@ deployment need, in open formats, into one folder:
   inheritance.json  which variable leaves came from the supernet and why the others did not
   export.json       the summary (written last: its presence marks a complete export)
 
+Everything is verified when read back (`load_exported`): export.json is sealed (its `sha256`
+field, dna_jax.artifacts.sealed), it records the SHA-256 of arch.json (`arch_sha256`), and the
+variables' files have their checksums beside them (`variables.sha256.json`,
+dna_jax.integrity). A file that fails is named with how to export it again (in a pipeline
+workdir: which manifest to remove so the search stage, and nothing else, runs again).
+
 Weights can be inherited from the supernet ({'block<k>': {'params', 'batch_stats'}}, see
 `dna_jax.models.supernet`). Child layer i of a block is the supernet's `layers_<l>/ops_<j>`
 (j = the op's branch position); block 0's `stem` and `first` are the child's stem and first
@@ -21,6 +27,7 @@ initialisation, and `inheritance.json` lists both sets.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -32,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dna_jax import artifacts, costs, files, multihost, rating_table
+from dna_jax import artifacts, costs, files, integrity, multihost, rating_table
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
@@ -287,8 +294,12 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
     summary = _summary(space, arch, module.spec, variables, report, num_classes, resolution,
                        seed, layer_config, result, supernet_variables is not None)
     if multihost.is_writer():
-        artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch.to_json(space) + "\n")
+        arch_text = arch.to_json(space) + "\n"
+        artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch_text)
         artifacts.write_json(os.path.join(out_dir, INHERITANCE_FILE), report)
+        integrity.record_sidecar(os.path.join(out_dir, VARIABLES_DIR))
+        summary["arch_sha256"] = hashlib.sha256(arch_text.encode()).hexdigest()
+        summary = artifacts.sealed(summary)
         artifacts.write_json(summary_path, summary)
     multihost.barrier("export written")
     return summary
@@ -344,32 +355,74 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
     out_dir = files.absolute(out_dir)
     summary_path = os.path.join(out_dir, SUMMARY_FILE)
     if not files.exists(summary_path):
-        raise ValueError(f"{out_dir}: no complete export ({SUMMARY_FILE} is missing)")
-    summary = artifacts.read_json(summary_path)
+        raise ExportError(f"{out_dir}: no complete export ({SUMMARY_FILE} is missing); "
+                          f"{redo_hint(out_dir)}")
+    try:
+        summary = artifacts.read_json(summary_path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ExportError(f"{summary_path} is not readable JSON ({error}); "
+                          f"{redo_hint(out_dir)}") from error
+    problem = artifacts.seal_problem(summary)
+    if problem:
+        raise ExportError(f"{summary_path} is corrupt: {problem}; {redo_hint(out_dir)}")
     if summary.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{summary_path}: format {summary.get('format')!r}, expected "
-                         f"{EXPORT_FORMAT!r}")
+        raise ExportError(f"{summary_path}: format {summary.get('format')!r}, expected "
+                          f"{EXPORT_FORMAT!r}; {redo_hint(out_dir)}")
     arch_path = os.path.join(out_dir, ARCH_FILE)
     try:
-        arch = Arch.from_json(files.read_text(arch_path))
+        arch_bytes = files.read_bytes(arch_path)
+        recorded = summary.get("arch_sha256")
+        if recorded is None:
+            logging.warning("%s has no recorded SHA-256 (exported by an older dna_jax): read "
+                            "unverified.", arch_path)
+        elif hashlib.sha256(arch_bytes).hexdigest() != recorded:
+            raise ExportError(f"{arch_path} is corrupt: its SHA-256 "
+                              f"{hashlib.sha256(arch_bytes).hexdigest()[:12]}... differs from "
+                              f"the {recorded[:12]}... recorded in {SUMMARY_FILE}; "
+                              f"{redo_hint(out_dir)}")
+        arch = Arch.from_json(arch_bytes.decode("utf-8"))
+    except ExportError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{arch_path} is not a readable architecture ({type(error).__name__}: "
-                         f"{error}); export it again (in a pipeline workdir: remove "
-                         "search/manifest.json and rerun the search stage)") from error
+        raise ExportError(f"{arch_path} is not a readable architecture "
+                          f"({type(error).__name__}: {error}); {redo_hint(out_dir)}") from error
     space = space or get_space(summary["space"])
     config = _layer_config_from(summary["layer_config"])
     module = build_childnet(space, arch, summary["num_classes"], config)
     if module.spec.to_strings() != summary["block_strings"]:
-        raise ValueError(f"{out_dir}: the block strings of {ARCH_FILE} in space {space.name!r} "
-                         f"differ from the exported network's")
+        raise ExportError(f"{out_dir}: the block strings of {ARCH_FILE} in space "
+                          f"{space.name!r} differ from the exported network's; "
+                          f"{redo_hint(out_dir)}")
     target = _abstract_variables(module, summary["resolution"])
+    variables_dir = os.path.join(out_dir, VARIABLES_DIR)
+    try:
+        integrity.verify(variables_dir, integrity.read_sidecar(variables_dir),
+                         "the exported child network's variables")
+    except integrity.IntegrityError as error:
+        raise ExportError(f"{error}; {redo_hint(out_dir)}") from error
     try:
         checkpointer = ocp.StandardCheckpointer()
-        variables = checkpointer.restore(os.path.join(out_dir, VARIABLES_DIR), target)
+        variables = checkpointer.restore(variables_dir, target)
     except Exception as error:  # Orbax raises many types; all mean "unusable"
-        raise ValueError(f"{out_dir}/{VARIABLES_DIR}: cannot restore the child network's "
-                         f"variables ({type(error).__name__}: {error})") from error
+        raise ExportError(f"{variables_dir}: cannot restore the child network's variables "
+                          f"({type(error).__name__}: {error}); {redo_hint(out_dir)}") from error
     return module, variables, arch
+
+
+class ExportError(ValueError):
+    """An export is missing, damaged or inconsistent; the message names the file and the fix."""
+
+
+def redo_hint(out_dir: str) -> str:
+    """How to make an export again. In a pipeline workdir (`<workdir>/search/winner`) the
+    search stage is skipped while its manifest says complete: removing that manifest, and
+    nothing else, makes the search (only it: later stages keep theirs) run and export again."""
+    manifest = os.path.join(os.path.dirname(files.absolute(out_dir)), artifacts.MANIFEST)
+    if files.exists(manifest):
+        return (f"remove {manifest} (nothing else) and rerun the same command: the search "
+                "stage then runs again and rewrites the export; the stages after it keep their "
+                "results")
+    return "export it again (dna-jax export)"
 
 
 # ---- command line: `dna-jax export` ----------------------------------------------------------

@@ -59,14 +59,37 @@ def main(argv: Sequence[str]) -> None:
             figures = pipeline.run_pipeline(config, _WORKDIR.value)
     except (validate.ConfigError, workdir_lib.WorkdirLockedError) as error:
         raise SystemExit(f"dna-jax run: {error}") from None  # the message says it all
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:  # pylint: disable=broad-except  # only a full disk is caught
+        full = _disk_full(error)
+        if full is None:
             raise
-        raise SystemExit(f"dna-jax run: the disk is full ({error.strerror}"
-                         f"{': ' + str(error.filename) if error.filename else ''}); free space "
+        raise SystemExit(f"dna-jax run: the disk is full ({full}); free space "
                          "and rerun the same command: finished stages are skipped and the "
                          "interrupted one resumes from its last checkpoint.") from error
     print(metrics.final_line(figures), flush=True)
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What says the disk is full in `error` or its causes, else None: an OSError with
+    ENOSPC/EDQUOT ('No space left on device: <file>'), or the same words in an error of a
+    library that writes files its own way (TensorFlow's event writer raises
+    ResourceExhaustedError, Orbax/TensorStore their own errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (f"{error.strerror}"
+                    f"{': ' + str(error.filename) if error.filename else ''}")
+        text = str(error)
+        for words in _DISK_FULL:
+            if words in text:
+                line = next(line for line in text.splitlines() if words in line)
+                return f"{type(error).__name__}: {line.strip()[:300]}"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run(argv: Sequence[str] | None = None) -> None:

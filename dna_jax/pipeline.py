@@ -270,8 +270,11 @@ def _require_complete(ctx: Context, stage: str, needed_by: str) -> None:
     if status == "complete":
         return
     if status == "missing":
+        damaged = artifacts.manifest_problem(ctx.stage_dir(stage))
         raise StageError(f"stage {needed_by!r} needs the {stage!r} artifact, but "
-                         f"{ctx.stage_dir(stage)} has none: add {stage!r} to config.stages")
+                         + (f"{damaged}: add {stage!r} to config.stages to run it again (it "
+                            "resumes its own checkpoints)" if damaged else
+                            f"{ctx.stage_dir(stage)} has none: add {stage!r} to config.stages"))
     detail = artifacts.describe_change(ctx.stage_dir(stage), stage_config(ctx.config, stage))
     raise artifacts.ConfigChangedError(
         f"stage {needed_by!r} needs the {stage!r} artifact, but {ctx.stage_dir(stage)} was "

@@ -353,11 +353,36 @@ def test_a_damaged_manifest_does_not_count_as_complete(tmp_path, caplog):
 
 def test_a_garbled_arch_json_is_named_with_the_fix(tmp_path):
     from dna_jax import export
-    (tmp_path / export.SUMMARY_FILE).write_text(json.dumps({"format": export.EXPORT_FORMAT}))
-    (tmp_path / export.ARCH_FILE).write_text('{"blocks": [[0, 1], [')
-    with pytest.raises(ValueError, match=r"arch.json is not a readable architecture .* remove "
-                                         r"search/manifest.json and rerun the search stage"):
-        export.load_exported(str(tmp_path))
+    winner = tmp_path / "search" / "winner"
+    winner.mkdir(parents=True)
+    (winner / export.SUMMARY_FILE).write_text(json.dumps({"format": export.EXPORT_FORMAT}))
+    (winner / export.ARCH_FILE).write_text('{"blocks": [[0, 1], [')
+    with pytest.raises(export.ExportError, match=r"arch.json is not a readable architecture "
+                                                r".*export it again \(dna-jax export\)"):
+        export.load_exported(str(winner))
+    # In a pipeline workdir (search/winner) the fix names the search stage's manifest.
+    (tmp_path / "search" / artifacts.MANIFEST).write_text("{}")
+    with pytest.raises(export.ExportError, match=rf"remove {tmp_path}/search/manifest.json "
+                                                r"\(nothing else\) and rerun the same command: "
+                                                r"the search stage then runs again"):
+        export.load_exported(str(winner))
+
+
+def test_a_sealed_manifest_with_a_changed_figure_does_not_count_as_complete(tmp_path, caplog):
+    stage = tmp_path / "teacher"
+    artifacts.write_manifest(str(stage), "teacher", "abc", {"lr": 0.1},
+                             {"test_accuracy": 0.8125}, 1.0)
+    assert artifacts.stage_status(str(stage), "abc") == "complete"
+    assert artifacts.read_manifest(str(stage))["figures"] == {"test_accuracy": 0.8125}
+    path = stage / artifacts.MANIFEST
+    path.write_text(path.read_text().replace("0.8125", "0.9125"))  # still valid JSON
+    with caplog.at_level("WARNING"):
+        assert artifacts.stage_status(str(stage), "abc") == "missing"
+    assert f"{path} is corrupt: its content has SHA-256" in caplog.text
+    assert "the teacher stage counts as not done and runs again" in caplog.text
+    with pytest.raises(artifacts.ManifestError, match=r"rerun with the 'teacher' stage in "
+                                                      r"config.stages"):
+        artifacts.read_manifest(str(stage))
 
 
 def test_a_damaged_supernet_of_a_finished_stage_says_to_remove_its_manifest(tmp_path):
