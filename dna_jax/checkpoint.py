@@ -13,9 +13,13 @@ does not restore, or that holds NaN/inf is set aside, never deleted, and the pre
 used.
 """
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -113,8 +117,10 @@ class Checkpointer:
         return saved
 
     def reached_preemption(self, step: int) -> bool:
-        """Whether the scheduler announced a preemption (all processes agree on the answer)."""
-        return self._manager.reached_preemption(step)
+        """Whether the scheduler announced a preemption (all processes agree on the answer):
+        JAX's preemption sync point in multi-process runs, a SIGTERM received inside
+        `stop_on_sigterm` in a single-process one."""
+        return _TERM_REQUESTED.is_set() or self._manager.reached_preemption(step)
 
     def restore(self, target: Any, step: int | None = None) -> Any:
         """Restores `step` (default: latest) into the structure, dtypes and shardings of target.
@@ -227,3 +233,38 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_TERM_REQUESTED = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside a training loop of a single-process run, SIGTERM (a spot VM's or a scheduler's
+    preemption notice, `launch/worker_job.sh stop`) asks for a checkpoint at the end of the
+    current step instead of killing the process mid-step: `Checkpointer.reached_preemption`
+    answers True and the loop saves and exits ("Preempted at step N"). Multi-process runs keep
+    JAX's preemption sync manager (every process must stop at the same step), so nothing is
+    installed there. A second SIGTERM kills at once; outside the loop SIGTERM means what it
+    meant before."""
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # pylint: disable=unused-argument
+        if _TERM_REQUESTED.is_set():  # the second one: do what SIGTERM did before
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _TERM_REQUESTED.set()
+        logging.warning("SIGTERM: a checkpoint is saved after the current step, then the run "
+                        "stops; rerun the same command to resume (a second SIGTERM kills now).")
+
+    _TERM_REQUESTED.clear()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _TERM_REQUESTED.clear()

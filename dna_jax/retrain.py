@@ -500,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     progress = metrics_lib.report_progress(total_steps, writer)
     train_seconds = 0.0
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), checkpoint_lib.stop_on_sigterm():
             batches = train_data.global_batches(start_step)
             pending: list[dict[str, jax.Array]] = []
             loop_watch = metrics_lib.Stopwatch()
@@ -529,7 +529,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          last_good) if pending else summary
                     pending = []
                     _record_summary(workdir, summaries, step, summary)
-                    _save_finite(checkpointer, step, state, True)
+                    checkpointer.wait()
+                    if checkpointer.latest_step() != step:  # not already saved as due
+                        _save_finite(checkpointer, step, state, True)
                     checkpointer.wait()
                     raise SystemExit(f"Preempted at step {step}; checkpoint saved, rerun to resume.")
             jax.block_until_ready(state)

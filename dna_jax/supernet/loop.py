@@ -287,11 +287,12 @@ class StepLoop:
         batches = train_data.global_batches(first)
         watch = metrics_lib.Stopwatch()
         try:
-            for step in range(first + 1, phase.stop + 1):
-                state, metrics = step_fn(state, next(batches))
-                self.pending.append((step, phase.active, metrics))
-                self.progress(step)
-                self._after(step, phase, state)
+            with checkpoint_lib.stop_on_sigterm():
+                for step in range(first + 1, phase.stop + 1):
+                    state, metrics = step_fn(state, next(batches))
+                    self.pending.append((step, phase.active, metrics))
+                    self.progress(step)
+                    self._after(step, phase, state)
             jax.block_until_ready(state)
         finally:
             self.train_seconds += watch.elapsed()
