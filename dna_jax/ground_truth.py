@@ -242,6 +242,9 @@ def train_one(config: ml_collections.ConfigDict, space: SearchSpace, arch: Arch,
     run_config = ml_collections.ConfigDict({"standalone": standalone_config(config, seed)})
     result = ranking.train_standalone(run_config, space, arch, index, run_dir, train_data,
                                       eval_data, mesh)
+    # One process trains many networks of different shapes: without this the heap that
+    # host_memory keeps grew to 15 GB over the runs (fragmentation) and the OOM killer ended it.
+    host_memory.release_free_memory()
     return {"arch": index, "seed": seed,
             **{k: result[k] for k in ("test_accuracy", "test_loss", "train_loss", "steps",
                                       "train_time_s", "wall_time_s")},
