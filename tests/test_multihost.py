@@ -26,12 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Logs(list):
-    procs: list
-
-
-def _wait_all(commands, env, tmp_path, timeout: float, cwd=None) -> _Logs:
-    """Starts every worker, waits for all, returns their outputs (`.procs`: the processes).
+def _wait_all(commands, env, tmp_path, timeout: float, cwd=None
+              ) -> list[tuple[subprocess.Popen, str]]:
+    """Starts every worker, waits for all, returns (process, its output) of each.
 
     Each worker writes to its own file, not a pipe: read one pipe after another and a worker
     that fills its 64 KiB pipe blocks in a log call while the others wait for it in a
@@ -51,19 +48,16 @@ def _wait_all(commands, env, tmp_path, timeout: float, cwd=None) -> _Logs:
                 p.kill()
         for handle in handles:
             handle.close()
-    logs = _Logs(path.read_text() for path in paths)
-    logs.procs = procs
-    return logs
+    return [(p, path.read_text()) for p, path in zip(procs, paths)]
 
 
 def _run(num_processes: int, tmp_path) -> list[dict]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     outs = [str(tmp_path / f"p{num_processes}_{i}.json") for i in range(num_processes)]
-    logs = _wait_all([[sys.executable, WORKER, str(i), str(num_processes), str(port), outs[i]]
-                      for i in range(num_processes)], env, tmp_path, timeout=600)
-    procs = logs.procs
-    for p, log in zip(procs, logs):
+    finished = _wait_all([[sys.executable, WORKER, str(i), str(num_processes), str(port), outs[i]]
+                          for i in range(num_processes)], env, tmp_path, timeout=600)
+    for p, log in finished:
         assert p.returncode == 0, log[-3000:]
     return [json.load(open(o)) for o in outs]
 
@@ -88,11 +82,10 @@ def _run_pipeline(num_processes: int, config: str, workdir: str, tmp_path,
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     outs = [str(tmp_path / f"pipeline_p{num_processes}_{i}.json") for i in range(num_processes)]
-    logs = _wait_all([[sys.executable, PIPELINE_WORKER, str(i), str(num_processes), str(port),
-                       config, workdir, outs[i], str(local_devices)]
-                      for i in range(num_processes)], env, tmp_path, timeout=1500, cwd=REPO)
-    procs = logs.procs
-    for i, (p, log) in enumerate(zip(procs, logs)):
+    finished = _wait_all([[sys.executable, PIPELINE_WORKER, str(i), str(num_processes),
+                           str(port), config, workdir, outs[i], str(local_devices)]
+                          for i in range(num_processes)], env, tmp_path, timeout=1500, cwd=REPO)
+    for i, (p, log) in enumerate(finished):
         assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
     return [json.load(open(o)) for o in outs]
 
