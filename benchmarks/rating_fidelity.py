@@ -35,6 +35,7 @@ flags.DEFINE_multi_string("arch_scores", [], "NAME=FILE of per-architecture scor
 flags.DEFINE_string("out", None, "Where the JSON goes (.md and .png beside it).")
 flags.DEFINE_integer("top_k", 5, "k of the top-k overlap.")
 flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.")
+flags.DEFINE_integer("permutations", 2000, "Permutations of the within-bin test (0: none).")
 flags.DEFINE_integer("min_archs", 6, "Refuse to compare fewer trained architectures.")
 flags.mark_flags_as_required(["ground_truth", "out"])
 FLAGS = flags.FLAGS
@@ -63,7 +64,8 @@ def main(argv):
             raise SystemExit(f"--arch_scores {item!r}: expected NAME=FILE")
         predictions[name] = fidelity.arch_score_predictions(artifacts.read_json(path), truth)
     result = fidelity.compare_all(truth, predictions, top_k=FLAGS.top_k,
-                                  num_resamples=FLAGS.resamples)
+                                  num_resamples=FLAGS.resamples,
+                                  num_permutations=FLAGS.permutations)
     result.update({"ground_truth": FLAGS.ground_truth, "rate_dirs": FLAGS.rate_dir,
                    "arch_scores": FLAGS.arch_scores,
                    "runs": len(truth.data["runs"]),
@@ -79,7 +81,8 @@ def main(argv):
              if m in predictions]
     fidelity.plot(truth, predictions, shown, f"{base}.png")
     print(fidelity.render_table(result))
-    headline = {name: {"kendall": s["kendall"], "partial_spearman": s.get("partial_spearman")}
+    headline = {name: {"kendall": s["kendall"], "partial_spearman": s.get("partial_spearman"),
+                       "partial_spearman_p": s.get("partial_spearman_p")}
                 for name, s in result["methods"].items()}
     print(json.dumps({"num_archs": len(truth), "noise": result["noise"], "methods": headline,
                       "out": FLAGS.out}, default=float))

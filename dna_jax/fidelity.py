@@ -21,7 +21,9 @@ Methods (each oriented so that higher = predicted better; see ranking_stats):
 
 Statistics per method: Kendall tau-b and Spearman rho with accuracy, tau within cost bins,
 partial Spearman given log(cost), top-k overlap and regret at two budgets, each with a 95%
-bootstrap interval over architectures; plus the seed-noise ceiling (what a perfect predictor of
+bootstrap interval over architectures, and for what a rating says beyond size (partial
+Spearman, tau within cost bins) a permutation p-value (the rating shuffled within cost bins,
+`ranking_stats.within_bin_permutation_p`); plus the seed-noise ceiling (what a perfect predictor of
 the mean accuracy would score against single-seed accuracies, simulated with the measured seed
 SD, and tau between two seeds where they exist).
 """
@@ -203,7 +205,8 @@ def arch_score_predictions(scores: Mapping[str, Any], truth: "GroundTruth") -> n
 
 def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, top_k: int = 5,
                 budget_quantiles: Sequence[float] = (0.33, 0.67), cost: str = "macs",
-                num_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+                num_resamples: int = 1000, num_permutations: int = 2000,
+                seed: int = 0) -> dict[str, Any]:
     """Every method's statistics against the truth (see the module docstring)."""
     cost_values = truth.costs[cost]
     budgets = [float(np.quantile(cost_values, q)) for q in budget_quantiles]
@@ -211,14 +214,18 @@ def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, to
     for name, prediction in predictions.items():
         methods[name] = ranking_stats.compare(
             truth.accuracy, prediction, top_k=top_k, num_resamples=num_resamples, seed=seed,
-            cost=cost_values, bins=truth.bins, budgets=budgets)
+            cost=cost_values, bins=truth.bins, budgets=budgets,
+            num_permutations=num_permutations)
     return {"num_archs": len(truth), "num_bins": int(len(np.unique(truth.bins))),
             "cost": cost, "budgets": budgets, "top_k": top_k,
+            "num_resamples": num_resamples, "num_permutations": num_permutations,
             "noise": truth.noise_ceiling(seed=seed), "methods": methods}
 
 
 def render_table(result: Mapping[str, Any]) -> str:
-    """A markdown table: one row per method, the headline statistics with 95% intervals."""
+    """A markdown table: one row per method, the headline statistics with 95% bootstrap
+    intervals, and the within-bin permutation p-values (one-sided: the rating adds nothing
+    beyond cost) of tau within bins and of partial Spearman."""
     def cell(stats: Mapping[str, float], name: str) -> str:
         value = stats.get(name)
         if value is None or not np.isfinite(value):
@@ -227,13 +234,19 @@ def render_table(result: Mapping[str, Any]) -> str:
 
     budgets = [k for k in next(iter(result["methods"].values())) if k.startswith("regret@")
                and not k.endswith(("_low", "_high"))]
-    header = ["method", "Kendall tau", "Spearman rho", "tau within cost bins",
-              f"partial Spearman given {result['cost']}", f"top-{result['top_k']} overlap",
+    def p_value(stats: Mapping[str, float], name: str) -> str:
+        value = stats.get(f"{name}_p")
+        return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+    header = ["method", "Kendall tau", "Spearman rho", "tau within cost bins", "p",
+              f"partial Spearman given {result['cost']}", "p", f"top-{result['top_k']} overlap",
               *[f"regret {b.removeprefix('regret@')}" for b in budgets]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, stats in result["methods"].items():
-        cells = [cell(stats, n) for n in ("kendall", "spearman", "within_bin_kendall",
-                                          "partial_spearman", "top_k", *budgets)]
+        cells = [cell(stats, "kendall"), cell(stats, "spearman"),
+                 cell(stats, "within_bin_kendall"), p_value(stats, "within_bin_kendall"),
+                 cell(stats, "partial_spearman"), p_value(stats, "partial_spearman"),
+                 *(cell(stats, n) for n in ("top_k", *budgets))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

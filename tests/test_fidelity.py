@@ -69,6 +69,67 @@ def test_compare_gives_every_statistic_with_an_interval():
     for name in ("kendall", "spearman", "top_k", "partial_spearman", "within_bin_kendall",
                  "regret@0.5"):
         assert out[f"{name}_low"] <= out[name] <= out[f"{name}_high"], name
+    assert "partial_spearman_p" not in out  # permutations are opt-in
+
+
+def _binned_sample(rng, informative: bool):
+    """36 networks in 6 cost bins; accuracy = size + a per-network part; the rating knows the
+    size and (if informative) the per-network part."""
+    bins = np.repeat(np.arange(6), 6)
+    cost = np.exp(bins + rng.uniform(-0.02, 0.02, size=36))
+    own = rng.normal(size=36)
+    accuracy = 0.5 * bins + own
+    rating = bins + (own if informative else rng.normal(size=36)) + 0.3 * rng.normal(size=36)
+    return accuracy, rating, cost, bins
+
+
+def test_within_bin_permutation_test_holds_its_level_and_finds_real_signal():
+    rng = np.random.default_rng(0)
+    # Under the null (the rating knows only the size) p is roughly uniform: ~5% below 0.05.
+    null_ps = {name: [] for name in ranking_stats.PERMUTATION_STATISTICS}
+    for _ in range(200):
+        accuracy, rating, cost, bins = _binned_sample(rng, informative=False)
+        for name in null_ps:
+            null_ps[name].append(ranking_stats.within_bin_permutation_p(
+                accuracy, rating, bins, statistic=name, cost=cost, num_permutations=199,
+                seed=int(rng.integers(1 << 30))))
+    for name, ps in null_ps.items():
+        ps = np.asarray(ps)
+        assert np.all((ps > 0) & (ps <= 1)), name
+        assert 0.01 <= np.mean(ps < 0.05) <= 0.10, (name, np.mean(ps < 0.05))
+        assert 0.4 <= np.mean(ps > 0.5) <= 0.6, (name, np.mean(ps > 0.5))
+    # A rating that knows each network's own part is found (p at its floor 1/200).
+    accuracy, rating, cost, bins = _binned_sample(rng, informative=True)
+    out = ranking_stats.compare(accuracy, rating, top_k=5, num_resamples=50, cost=cost,
+                                bins=bins, num_permutations=199)
+    assert out["partial_spearman_p"] == pytest.approx(0.005)
+    assert out["within_bin_kendall_p"] == pytest.approx(0.005)
+    # Size alone has nothing to add within bins.
+    assert ranking_stats.within_bin_permutation_p(
+        accuracy, cost, bins, statistic="within_bin_kendall", num_permutations=199) > 0.05
+    with pytest.raises(ValueError, match="bins has shape"):
+        ranking_stats.within_bin_permutation_p(accuracy, rating, bins[:5],
+                                               statistic="within_bin_kendall")
+    with pytest.raises(ValueError, match="needs the cost"):
+        ranking_stats.within_bin_permutation_p(accuracy, rating, bins,
+                                               statistic="partial_spearman")
+
+
+def test_vectorised_permutation_statistics_equal_the_scipy_ones():
+    rng = np.random.default_rng(3)
+    accuracy, rating, cost, bins = _binned_sample(rng, informative=True)
+    rating = np.round(rating, 1)  # ties, as real ratings and accuracies have
+    accuracy = np.round(accuracy, 1)
+    partial = ranking_stats._partial_spearman_of_permutations(accuracy, rating, cost)
+    within = ranking_stats._within_bin_tau_of_permutations(accuracy, rating, bins)
+    for _ in range(5):
+        order = np.arange(36)
+        for b in range(6):
+            order[bins == b] = rng.permutation(np.flatnonzero(bins == b))
+        assert partial(order[None])[0] == pytest.approx(
+            ranking_stats.partial_spearman(accuracy, rating[order], cost), abs=1e-9)
+        assert within(order[None])[0] == pytest.approx(
+            ranking_stats.within_bin_tau(accuracy, rating[order], bins), abs=1e-9)
 
 
 # ---- costs -------------------------------------------------------------------------------------
