@@ -120,14 +120,21 @@ def regret(truth, prediction, cost, budget: float) -> float:
 Statistic = Callable[[np.ndarray, np.ndarray], float]
 
 
+RowStatistic = Callable[[np.ndarray], np.ndarray]
+
+
 def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples: int = 1000,
                        confidence: float = 0.95, seed: int = 0,
-                       extra: Sequence[np.ndarray] = ()) -> tuple[float, float]:
+                       extra: Sequence[np.ndarray] = (),
+                       rows: RowStatistic | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic(truth, prediction, *extra)` over resampled
     architectures (`scipy.stats.bootstrap`, paired: an architecture's values move together).
 
     Resamples where the statistic is undefined (NaN, e.g. every value tied) are dropped.
-    Deterministic for a given seed.
+    Deterministic for a given seed. `rows` (optional) computes the same statistic for a
+    batch of resamples at once: index rows [R, n] -> [R] values (see `row_statistics`); it
+    gives the same resamples and the same interval, in a fraction of the time, and is checked
+    against `statistic` on the sample itself.
 
     Returns:
       (low, high); (nan, nan) if no resample gave a value.
@@ -137,13 +144,21 @@ def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     extra = [np.asarray(e).reshape(-1) for e in extra]
 
-    def resampled(index: np.ndarray) -> float:
-        index = np.asarray(index, int)
-        return statistic(truth[index], prediction[index], *(e[index] for e in extra))
+    if rows is None:
+        def resampled(index: np.ndarray) -> float:
+            index = np.asarray(index, int)
+            return statistic(truth[index], prediction[index], *(e[index] for e in extra))
+    else:
+        _check_rows(rows, statistic(truth, prediction, *extra), len(truth))
+
+        def resampled(index: np.ndarray, axis: int = -1) -> np.ndarray:
+            index = np.asarray(index, int)
+            return rows(np.moveaxis(index, axis, -1).reshape(-1, len(truth))).reshape(
+                np.delete(index.shape, axis % index.ndim))
 
     with warnings.catch_warnings():  # scipy warns about NaN resamples; they are dropped below
         warnings.simplefilter("ignore")
-        result = stats.bootstrap((np.arange(len(truth)),), resampled, vectorized=False,
+        result = stats.bootstrap((np.arange(len(truth)),), resampled, vectorized=rows is not None,
                                  n_resamples=num_resamples, method="percentile",
                                  confidence_level=confidence,
                                  random_state=np.random.default_rng(seed))
@@ -154,6 +169,109 @@ def bootstrap_interval(truth, prediction, statistic: Statistic, *, num_resamples
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(sample, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def _check_rows(rows: RowStatistic, expected: float, n: int) -> None:
+    value = float(rows(np.arange(n)[None, :])[0])
+    if not (np.isnan(value) and np.isnan(expected)) and not np.isclose(
+            value, expected, rtol=1e-9, atol=1e-9):
+        raise RuntimeError(f"vectorised statistic gives {value} on the sample, scipy {expected}")
+
+
+# ---- the statistics for many index rows at once (bootstrap resamples, permutations) -----------
+
+
+def _signs(v: np.ndarray) -> np.ndarray:
+    return np.sign(v[:, None] - v[None, :])
+
+
+def _tau_b(gx: np.ndarray, gy: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Kendall tau-b from gathered sign matrices [R, n, n] (pairs where mask, if given):
+    (concordant - discordant) / sqrt(pairs untied in x * pairs untied in y), as scipy's."""
+    if mask is not None:
+        gx, gy = gx * mask, gy * mask
+    untied_x = np.count_nonzero(gx, axis=(1, 2)) / 2.0
+    untied_y = np.count_nonzero(gy, axis=(1, 2)) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = np.sum(gx * gy, axis=(1, 2)) / 2.0 / np.sqrt(untied_x * untied_y)
+    return np.where((untied_x > 0) & (untied_y > 0), tau, np.nan)
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.sum(a * b, axis=1) / np.sqrt(np.sum(a * a, axis=1) * np.sum(b * b, axis=1))
+    bad = (a.std(axis=1) <= tol) | (b.std(axis=1) <= tol)
+    return np.where(bad, np.nan, np.clip(r, -1.0, 1.0))
+
+
+def _residual_rows(r: np.ndarray, rc: np.ndarray) -> np.ndarray:
+    """Residuals of each row of r after a least-squares fit on [1, rc] (same row)."""
+    rc = rc - rc.mean(axis=1, keepdims=True)
+    r = r - r.mean(axis=1, keepdims=True)
+    ss = np.sum(rc * rc, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        beta = np.where(ss > 0, np.sum(r * rc, axis=1, keepdims=True) / ss, 0.0)
+    return r - beta * rc
+
+
+def row_statistics(truth, prediction, *, cost=None, bins=None) -> dict[str, RowStatistic]:
+    """{name: index rows [R, n] -> [R] values} for 'kendall', 'spearman' and, given cost /
+    bins, 'partial_spearman' and 'within_bin_kendall': each the function of the same name
+    above applied to (truth[row], prediction[row], ...) for every row, computed for all rows
+    at once (ranks by `scipy.stats.rankdata` along rows, Kendall tau-b from gathered sign
+    matrices, residuals by the closed-form simple regression)."""
+    truth, prediction = _pair(truth, prediction)
+    sx, sy = _signs(truth), _signs(prediction)
+
+    def gathered(index):
+        return (sx[index[:, :, None], index[:, None, :]],
+                sy[index[:, :, None], index[:, None, :]])
+
+    def constant(v):
+        return np.all(v == v[:, :1], axis=1)
+
+    def kendall(index):
+        return _tau_b(*gathered(index))
+
+    def spearman(index):
+        x, y = truth[index], prediction[index]
+        out = _pearson_rows(stats.rankdata(x, axis=1), stats.rankdata(y, axis=1))
+        return np.where(constant(x) | constant(y), np.nan, out)
+
+    out = {"kendall": kendall, "spearman": spearman}
+    if cost is not None:
+        cost = np.asarray(cost, np.float64).reshape(-1)
+
+        def partial(index):
+            x, y = truth[index], prediction[index]
+            rc = stats.rankdata(cost[index], axis=1)
+            residual = [_residual_rows(stats.rankdata(v, axis=1), rc) for v in (x, y)]
+            value = _pearson_rows(*residual, tol=1e-12)
+            return np.where(constant(x) | constant(y), np.nan, value)
+        out["partial_spearman"] = partial
+    if bins is not None:
+        bins = np.asarray(bins).reshape(-1)
+
+        def within(index):
+            gx, gy = gathered(index)
+            member_bins = bins[index]
+            total = np.zeros(len(index))
+            weight = np.zeros(len(index))
+            for b in np.unique(bins):
+                member = member_bins == b
+                mask = member[:, :, None] & member[:, None, :]
+                tau = _tau_b(gx, gy, mask)
+                count = member.sum(axis=1)
+                ok = np.isfinite(tau) & (count >= 2)
+                pairs = count * (count - 1) / 2.0
+                total += np.where(ok, tau * pairs, 0.0)
+                weight += np.where(ok, pairs, 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(weight > 0, total / weight, np.nan)
+        out["within_bin_kendall"] = within
+    return out
 
 
 PERMUTATION_STATISTICS = ("partial_spearman", "within_bin_kendall")
@@ -282,12 +400,13 @@ def compare(truth, prediction, *, top_k: int, num_resamples: int = 1000,
                 (np.asarray(cost, np.float64),))
     if bins is not None:
         statistics["within_bin_kendall"] = (within_bin_tau, (np.asarray(bins),))
+    vectorised = row_statistics(truth, prediction, cost=cost, bins=bins)
     out: dict[str, float] = {"k": k}
     for name, (statistic, extra) in statistics.items():
         out[name] = statistic(truth, prediction, *extra)
         out[f"{name}_low"], out[f"{name}_high"] = bootstrap_interval(
             truth, prediction, statistic, num_resamples=num_resamples, confidence=confidence,
-            seed=seed, extra=extra)
+            seed=seed, extra=extra, rows=vectorised.get(name))
     if bins is not None and num_permutations > 0:
         for name in PERMUTATION_STATISTICS:
             if name == "partial_spearman" and cost is None:

@@ -132,6 +132,39 @@ def test_vectorised_permutation_statistics_equal_the_scipy_ones():
             ranking_stats.within_bin_tau(accuracy, rating[order], bins), abs=1e-9)
 
 
+def test_vectorised_bootstrap_statistics_equal_the_scipy_loop():
+    rng = np.random.default_rng(4)
+    accuracy, rating, cost, bins = _binned_sample(rng, informative=True)
+    accuracy, rating = np.round(accuracy, 1), np.round(rating, 1)  # ties
+    rows = ranking_stats.row_statistics(accuracy, rating, cost=cost, bins=bins)
+    plain = {"kendall": lambda i: ranking_stats.kendall_tau(accuracy[i], rating[i]),
+             "spearman": lambda i: ranking_stats.spearman_rho(accuracy[i], rating[i]),
+             "partial_spearman": lambda i: ranking_stats.partial_spearman(
+                 accuracy[i], rating[i], cost[i]),
+             "within_bin_kendall": lambda i: ranking_stats.within_bin_tau(
+                 accuracy[i], rating[i], bins[i])}
+    index = rng.integers(0, 36, size=(40, 36))
+    index[0] = np.arange(36)
+    index[1] = 5  # every value tied: undefined
+    index[2, :30] = 0  # one bin holds most of the resample
+    for name, function in plain.items():
+        expected = np.asarray([function(i) for i in index])
+        np.testing.assert_allclose(rows[name](index), expected, atol=1e-9, err_msg=name)
+        assert np.isnan(expected[1])
+    # Same resamples, same interval, with and without the rows.
+    for name, statistic, extra in (("kendall", ranking_stats.kendall_tau, ()),
+                                   ("partial_spearman", ranking_stats.partial_spearman, (cost,)),
+                                   ("within_bin_kendall", ranking_stats.within_bin_tau, (bins,))):
+        slow = ranking_stats.bootstrap_interval(accuracy, rating, statistic, num_resamples=100,
+                                                extra=extra)
+        fast = ranking_stats.bootstrap_interval(accuracy, rating, statistic, num_resamples=100,
+                                                extra=extra, rows=rows[name])
+        np.testing.assert_allclose(fast, slow, atol=1e-9, err_msg=name)
+    with pytest.raises(RuntimeError, match="vectorised statistic"):
+        ranking_stats.bootstrap_interval(accuracy, rating, ranking_stats.kendall_tau,
+                                         num_resamples=10, rows=rows["spearman"])
+
+
 # ---- costs -------------------------------------------------------------------------------------
 
 
