@@ -6,8 +6,8 @@ Two runtimes (`--runtime`):
           hidden widths, the layer's input resolution), jitted, warmed up and timed: the entry
           is the median of `--runs` calls (each until the result is ready).
   tflite  each such layer converted alone to a float32 TFLite file (random weights) and timed
-          on the TFLite interpreter with `--threads` threads: the median of `--runs` invokes
-          (`dna_jax.tflite_latency`). This is the table `search.cost='tflite_ms'` reads;
+          on the TFLite interpreter with `--threads` threads: the minimum (`--statistic`, or
+          the median) of `--runs` invokes (`dna_jax.tflite_latency`). This is the table `search.cost='tflite_ms'` reads;
           `--cache-dir` keeps the converted files, so a re-measurement only times.
 
 Layers with identical shapes (a block's hidden -> hidden layers) are measured once and the
@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=0, help="default: the space's")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="tflite: interpreter threads")
+    parser.add_argument("--statistic", default="min", choices=("min", "median"),
+                        help="tflite: of the --runs invokes (min: robust to other processes "
+                        "on a shared CPU; median: the usual figure on a quiet device)")
     parser.add_argument("--runs", type=int, default=0, help="timed runs per entry (median); "
                         "default 10 (jax), 20 (tflite)")
     parser.add_argument("--warmup", type=int, default=-1, help="default 2 (jax), 3 (tflite)")
@@ -183,16 +186,17 @@ def main() -> None:
              else f"{device.device_kind} ({device.platform})")
     out = args.out or f"latency_{space.name}_{'tflite' if tflite else device.platform}.csv"
     start = time.perf_counter()
+    statistic = args.statistic if tflite else "median"
     print(f"Measuring {space.name} at {resolution} px, batch {args.batch}, with {where}; "
-          f"median of {runs} runs")
+          f"{statistic} of {runs} runs")
     if tflite:
         timer = tflite_latency.TfliteTimer(
             threads=args.threads, batch=args.batch, repeats=runs, warmup=warmup,
-            quantize=None if args.quantize == "none" else args.quantize,
+            statistic=args.statistic, quantize=None if args.quantize == "none" else args.quantize,
             cache_dir=args.cache_dir, seed=args.seed)
         table = tflite_latency.measure_space_table(space, timer, resolution, args.num_classes,
                                                    print)
-        distinct = len(timer.timed) - 2  # the stem and the head are not layers
+        distinct = sum(key.startswith("layer|") for key in timer.samples)
         network_ms = lambda arch: timer.network_ms(space, arch, resolution, args.num_classes)
     else:
         table, distinct = measure_jax_table(space, resolution, args.batch, runs, warmup,

@@ -3,8 +3,10 @@
 A table entry is one searchable layer of the CHILD network (the space's widths and stride,
 that layer's input resolution), converted alone to a float32 TFLite flatbuffer
 (`dna_jax.deploy.tflite_bytes`, random weights: latency does not depend on their values) and
-timed with `TfliteRunner.time_ms` (median of `repeats` invokes after `warmup`) at a recorded
-interpreter thread count and batch. The fixed parts (stem + first layer; head + pooling +
+timed on the interpreter (`TfliteRunner.times_ms`: `repeats` invokes after `warmup`) at a
+recorded interpreter thread count and batch; the entry is their median or their minimum
+(`statistic`; the minimum resists other processes preempting long invokes on a shared CPU,
+see the README's validation). The fixed parts (stem + first layer; head + pooling +
 classifier) are timed the same way and stored as `fixed_ms`, so a network's table latency is
 `fixed_ms` + the sum of its layers' entries, what `search.cost='tflite_ms'` adds up
 (`dna_jax.latency`). Skip ops cost 0.
@@ -110,21 +112,29 @@ class TfliteTimer:
     Args:
       threads: interpreter threads (1: the phone-like default).
       batch: the batch of every timed input.
-      repeats, warmup: `TfliteRunner.time_ms`'s (median of `repeats` invokes).
+      repeats, warmup: `TfliteRunner.times_ms`'s.
+      statistic: 'min' (default) or 'median' of the `repeats` invokes
+        (`deploy.TIME_STATISTICS`); the samples are kept (`samples`), so changing it
+        re-summarises without timing again.
       quantize: None (float32) or 'dynamic' (`deploy.tflite_bytes`).
       cache_dir: keep the flatbuffers there (by piece and versions); '' = in memory only.
       seed: of the random weights.
     """
 
     def __init__(self, threads: int = 1, batch: int = 1, repeats: int = 20, warmup: int = 3,
-                 quantize: str | None = None, cache_dir: str = "", seed: int = 0):
+                 statistic: str = "min", quantize: str | None = None, cache_dir: str = "",
+                 seed: int = 0):
         if threads < 1 or batch < 1 or repeats < 1 or warmup < 0:
             raise ValueError(f"need threads, batch, repeats >= 1 and warmup >= 0, got "
                              f"{threads}, {batch}, {repeats}, {warmup}")
+        if statistic not in deploy.TIME_STATISTICS:
+            raise ValueError(f"statistic must be one of {sorted(deploy.TIME_STATISTICS)}, got "
+                             f"{statistic!r}")
         self.threads, self.batch, self.repeats, self.warmup = threads, batch, repeats, warmup
-        self.quantize, self.cache_dir, self.seed = quantize, cache_dir, seed
+        self.statistic, self.quantize, self.cache_dir, self.seed = (statistic, quantize,
+                                                                    cache_dir, seed)
         self.config = LayerConfig()
-        self.timed: dict[str, float] = {}
+        self.samples: dict[str, np.ndarray] = {}  # piece -> invoke times (ms)
         self.conversions = 0  # flatbuffers converted (not read from the cache)
 
     def meta(self) -> dict[str, str]:
@@ -133,7 +143,7 @@ class TfliteTimer:
         return {"runtime": RUNTIME, "tensorflow": tf.__version__, "jax": jax.__version__,
                 "threads": str(self.threads), "batch": str(self.batch),
                 "repeats": str(self.repeats), "warmup": str(self.warmup),
-                "statistic": "median", "quantize": self.quantize or "none",
+                "statistic": self.statistic, "quantize": self.quantize or "none",
                 "dtype": "float32", "machine": cpu_model(), "cpus": str(os.cpu_count()),
                 "platform": platform.platform(),
                 "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -143,13 +153,19 @@ class TfliteTimer:
     def flatbuffer(self, key: str, module: nn.Module, size: int, channels: int) -> bytes:
         """The TFLite file of `module` on a (batch, size, size, channels) input."""
         shape = (self.batch, size, size, channels)
+
+        def function():
+            variables = random_variables(module, jnp.zeros(shape, jnp.float32), self.seed,
+                                         train=False)
+            return deploy.inference_fn(module, variables)
+        return self._converted(key, shape, function)
+
+    def _converted(self, key: str, shape, function: Callable[[], Callable]) -> bytes:
+        """The TFLite file of `function()` on `shape`, from the cache if it is there."""
         path = self._cache_path(key, shape)
         if path and files.exists(path):
             return files.read_bytes(path)
-        x = jnp.zeros(shape, jnp.float32)
-        variables = random_variables(module, x, self.seed, train=False)
-        data = deploy.tflite_bytes(deploy.inference_fn(module, variables), shape,
-                                   self.quantize)
+        data = deploy.tflite_bytes(function(), shape, self.quantize)
         self.conversions += 1
         if path:
             files.write_bytes(path, data)
@@ -165,13 +181,24 @@ class TfliteTimer:
                             + ".tflite")
 
     def time_piece(self, key: str, module: nn.Module, size: int, channels: int) -> float:
-        """Median ms of one invoke of `module` on the runtime (memoised by `key`)."""
+        """ms of one invoke of `module` on the runtime, the `statistic` of `repeats` (timed
+        once per piece: memoised by `key`)."""
         full_key = f"{key}|{size}|{channels}"
-        if full_key not in self.timed:
+        if full_key not in self.samples:
             runner = deploy.TfliteRunner(self.flatbuffer(full_key, module, size, channels),
                                          self.threads)
-            self.timed[full_key] = runner.time_ms(self.repeats, self.warmup)
-        return self.timed[full_key]
+            self.samples[full_key] = runner.times_ms(self.repeats, self.warmup)
+        return float(deploy.TIME_STATISTICS[self.statistic](self.samples[full_key]))
+
+    def invoke_overhead_ms(self) -> float:
+        """One invoke of a one-op file (8 numbers doubled): what every timed piece pays once
+        whatever it computes (a table entry per layer pays it, a whole network once)."""
+        key = "overhead|mul8"
+        if key not in self.samples:
+            data = self._converted(key, (self.batch, 1, 1, 8), lambda: lambda x: x * 2.0)
+            self.samples[key] = deploy.TfliteRunner(data, self.threads).times_ms(
+                self.repeats, self.warmup)
+        return float(deploy.TIME_STATISTICS[self.statistic](self.samples[key]))
 
     def layer_ms(self, spec, in_channels: int, size: int) -> float:
         """One MBConv / DS layer on a (batch, size, size, in_channels) input."""
@@ -193,8 +220,33 @@ class TfliteTimer:
     def network_ms(self, space, arch, resolution: int, num_classes: int) -> float:
         """The whole child network of `arch`, converted as one file and timed."""
         module = build_childnet(space, arch, num_classes, self.config)
-        key = f"network|{space.name}|{space.to_network_spec(arch).to_strings()}|{num_classes}"
-        return self.time_piece(key, module, resolution, 3)
+        return self.time_piece(_network_key(space, arch, num_classes), module, resolution, 3)
+
+    def time_networks(self, space, archs, resolution: int, num_classes: int,
+                      rounds: int = 1) -> list[float]:
+        """`network_ms` of each of `archs`, their invokes spread over `rounds` interleaved
+        rounds (each round times every network `repeats / rounds` times, after one warm-up
+        invoke), so that a slow spell of a shared machine hits every network alike."""
+        runners = {}
+        for arch in archs:
+            key = _network_key(space, arch, num_classes)
+            full_key = f"{key}|{resolution}|3"
+            if full_key not in self.samples and full_key not in runners:
+                module = build_childnet(space, arch, num_classes, self.config)
+                runners[full_key] = deploy.TfliteRunner(
+                    self.flatbuffer(full_key, module, resolution, 3), self.threads)
+                runners[full_key].times_ms(1, self.warmup)
+        per_round = [len(chunk) for chunk in np.array_split(np.arange(self.repeats), rounds)]
+        samples = {key: [] for key in runners}
+        for count in per_round:
+            for key, runner in runners.items():
+                samples[key].append(runner.times_ms(count, 1))
+        self.samples.update({key: np.concatenate(parts) for key, parts in samples.items()})
+        return [self.network_ms(space, arch, resolution, num_classes) for arch in archs]
+
+
+def _network_key(space, arch, num_classes: int) -> str:
+    return f"network|{space.name}|{space.to_network_spec(arch).to_strings()}|{num_classes}"
 
 
 def measure_space_table(space, timer: TfliteTimer, resolution: int | None = None,
@@ -217,5 +269,6 @@ def measure_space_table(space, timer: TfliteTimer, resolution: int | None = None
     log(f"  stem + first layer {fixed['stem_ms']:.4f} ms, head {fixed['head_ms']:.4f} ms")
     meta = {**timer.meta(), "space": space.name, "space_digest": lat.space_digest(space),
             "resolution": str(resolution), "num_classes": str(num_classes),
+            "invoke_ms": repr(timer.invoke_overhead_ms()),
             **{name: repr(value) for name, value in fixed.items()}}
     return lat.LatencyTable(entries, meta)

@@ -245,4 +245,16 @@ def test_a_measured_tflite_table_of_the_tiny_space_is_accepted(tmp_path):
     converted = timer.conversions
     again = tflite_latency.TfliteTimer(repeats=3, warmup=1, cache_dir=str(tmp_path / "cache"))
     tflite_latency.measure_space_table(space, again, 16, num_classes=10)
-    assert again.conversions == 0 and converted == len(timer.timed)
+    assert again.conversions == 0 and converted == len(timer.samples)
+    # Whole networks, their invokes interleaved over rounds, and the runner's statistics.
+    archs = [get_space("tiny").sample(np.random.default_rng(i)) for i in range(2)]
+    timer = tflite_latency.TfliteTimer(repeats=4, warmup=1, statistic="median")
+    ms = timer.time_networks(space, archs, 16, 10, rounds=2)
+    assert len(ms) == 2 and all(m > 0 for m in ms)
+    assert all(len(v) == 4 for v in timer.samples.values())
+    from dna_jax import deploy
+    runner = deploy.TfliteRunner(deploy.tflite_bytes(lambda x: x * 2.0, (1, 1, 1, 8)))
+    assert runner.times_ms(5, 1).shape == (5,)
+    assert 0 < runner.time_ms(5, 1, statistic="min") <= runner.time_ms(50, 1) * 10
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        runner.time_ms(statistic="mean")
