@@ -7,8 +7,9 @@ Two runtimes (`--runtime`):
           is the median of `--runs` calls (each until the result is ready).
   tflite  each such layer converted alone to a float32 TFLite file (random weights) and timed
           on the TFLite interpreter with `--threads` threads: the minimum (`--statistic`, or
-          the median) of `--runs` invokes (`dna_jax.tflite_latency`). This is the table `search.cost='tflite_ms'` reads;
-          `--cache-dir` keeps the converted files, so a re-measurement only times.
+          the median) of `--runs` invokes (`dna_jax.tflite_latency`). This is the table
+          `search.cost='tflite_ms'` reads; `--cache-dir` keeps the converted files, so a
+          re-measurement only times.
 
 Layers with identical shapes (a block's hidden -> hidden layers) are measured once and the
 figure reused (jax: unless `--no-share`). Skip ops cost 0. The fixed parts (stem + first

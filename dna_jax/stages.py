@@ -67,16 +67,16 @@ def search_budgets(ctx: Context) -> dict[str, float]:
     cfg = ctx.config.search
     budget = cfg.budget
     if not budget:
+        if cfg.cost == latency_lib.TFLITE_COST:
+            raise StageError(f"search.cost={cfg.cost!r} needs an absolute search.budget in "
+                             "milliseconds (there is no teacher latency to take "
+                             "search.budget_fraction of)")
         if not 0 < cfg.budget_fraction:
             raise StageError("set search.budget (absolute) or search.budget_fraction > 0")
         reference = ctx.kind.reference_costs(ctx)
         if reference is None:
             raise StageError(f"{ctx.kind.label} has no teacher to take search.budget_fraction "
                              "of: set an absolute search.budget")
-        if cfg.cost == latency_lib.TFLITE_COST:
-            raise StageError(f"search.cost={cfg.cost!r} needs an absolute search.budget in "
-                             "milliseconds (there is no teacher latency to take "
-                             "search.budget_fraction of)")
         if reference.get(cfg.cost) is None:
             raise StageError(f"search.cost={cfg.cost!r}: the teacher has no such cost "
                              f"(known: params, macs, dna_flops)")
