@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -39,6 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dna_jax import artifacts
+from dna_jax import costs as analytic
 from dna_jax import files
 from dna_jax.rating_table import BlockTable
 
@@ -258,3 +260,109 @@ def fixed_latency_ms(latency: LatencyTable) -> float:
     except ValueError as error:
         raise ValueError(f"{latency.source}: meta fixed_ms is not a number "
                          f"({latency.meta['fixed_ms']!r})") from error
+
+
+# ---- a table as a search cost: does it fit the space? ------------------------------------------
+
+TFLITE_COST = "tflite_ms"  # search.cost of a table measured on the TFLite runtime
+SEARCH_COSTS = (*analytic.COST_NAMES, TFLITE_COST)  # what search.cost accepts
+MAX_NAMED_MISSING = 8  # missing entries an error lists by name
+
+
+def space_digest(space) -> str:
+    """A short hash of every shape a latency table of `space` depends on: the stem, the first
+    layer, each searchable layer's (in, out, stride, ops) and the head; not the space's name."""
+    blocks = [[(*space.layer_io(b, l), [space.ops[op].layer(1, 1).to_string()
+                                        if op != space.skip_index else "skip"
+                                        for op in space.layer_choices(b, l)])
+               for l in range(block.num_layers)] for b, block in enumerate(space.blocks)]
+    text = json.dumps([space.stem_channels, space.stem_stride, space.first_layer.to_string(),
+                       blocks, space.head_channels])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def space_keys(space, resolution: int | None = None) -> list[Key]:
+    """Every (block, layer, op, resolution) key a network of `space` can use."""
+    return [(b, l, op, size) for b in range(len(space.blocks))
+            for l, size in enumerate(layer_input_resolutions(space, b, resolution))
+            for op in space.layer_choices(b, l)]
+
+
+def space_table_problems(table: LatencyTable, space, resolution: int | None = None,
+                         num_classes: int | None = None, runtime: str | None = None
+                         ) -> list[str]:
+    """What makes `table` unusable as the latency of `space`'s networks (empty: usable).
+
+    Checks the metadata the measuring tool records (runtime, space digest, resolution, number
+    of classes, fixed_ms) where the table has it, then that every key of the space has an
+    entry (the missing ones are named, op names included).
+    """
+    resolution = int(resolution or space.resolution)
+    meta, problems = table.meta, []
+    if runtime is not None and meta.get("runtime") != runtime:
+        problems.append(f"it was measured on runtime {meta.get('runtime', '(unrecorded)')!r}, "
+                        f"not {runtime!r}")
+    if "space_digest" in meta and meta["space_digest"] != space_digest(space):
+        problems.append(f"it was measured for space {meta.get('space', '?')!r} (digest "
+                        f"{meta['space_digest']}), not for these layers of space "
+                        f"{space.name!r} (digest {space_digest(space)})")
+    elif meta.get("space", space.name) != space.name:
+        problems.append(f"it was measured for space {meta['space']!r}, not {space.name!r}")
+    if meta.get("resolution", str(resolution)) != str(resolution):
+        problems.append(f"it was measured at {meta['resolution']} px, the search counts costs "
+                        f"at {resolution} px")
+    if num_classes is not None and meta.get("num_classes", str(num_classes)) != str(num_classes):
+        problems.append(f"its fixed part has a {meta['num_classes']}-class classifier, the "
+                        f"network has {num_classes} classes")
+    try:
+        fixed_latency_ms(table)
+    except ValueError as error:
+        problems.append(str(error))
+    missing = [key for key in space_keys(space, resolution) if key not in table.entries]
+    if missing:
+        named = ", ".join(f"(block {b}, layer {l}, {space.op_name(op)} = op {op}, {r} px)"
+                          for b, l, op, r in missing[:MAX_NAMED_MISSING])
+        more = (f" and {len(missing) - MAX_NAMED_MISSING} more"
+                if len(missing) > MAX_NAMED_MISSING else "")
+        problems.append(f"{len(missing)} of the space's {len(space_keys(space, resolution))} "
+                        f"entries are missing: {named}{more}")
+    return problems
+
+
+def load_space_latency(path: str | os.PathLike, space, resolution: int | None = None,
+                       num_classes: int | None = None, runtime: str | None = None
+                       ) -> LatencyTable:
+    """A latency table checked against the space it will cost (`space_table_problems`).
+
+    Raises:
+      ValueError: naming the file, every problem and the command that measures a fitting table.
+    """
+    table = load_latency_table(path)
+    problems = space_table_problems(table, space, resolution, num_classes, runtime)
+    if problems:
+        raise ValueError(f"{os.fspath(path)} cannot cost space {space.name!r}: "
+                         + "; ".join(problems) + ". " + measure_command(
+                             space, resolution, num_classes, runtime, path))
+    return table
+
+
+def measure_command(space, resolution: int | None, num_classes: int | None,
+                    runtime: str | None, out) -> str:
+    """The command that measures a table for this space (what an error suggests)."""
+    return (f"Measure one with: python benchmarks/measure_latency.py --runtime "
+            f"{runtime or 'tflite'} --space {space.name} --resolution "
+            f"{int(resolution or space.resolution)}"
+            + (f" --num-classes {num_classes}" if num_classes is not None else "")
+            + f" --out {os.fspath(out)}")
+
+
+def space_latency_range(table: LatencyTable, space, resolution: int | None = None
+                        ) -> tuple[float, float]:
+    """(cheapest, dearest) whole-network table latency of `space` (fixed part included):
+    layers cost independently, so the extremes are per layer."""
+    low = high = fixed_latency_ms(table)
+    for b in range(len(space.blocks)):
+        for l, size in enumerate(layer_input_resolutions(space, b, resolution)):
+            values = [table.lookup(b, l, op, size) for op in space.layer_choices(b, l)]
+            low, high = low + min(values), high + max(values)
+    return low, high

@@ -30,9 +30,9 @@ import jax
 import ml_collections
 
 from dna_jax import artifacts
-from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
 from dna_jax import files
+from dna_jax import latency as latency_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import multihost
 from dna_jax import rate as rate_lib
@@ -62,11 +62,16 @@ RETRAINED_NETWORK_NAME = stages_lib.RETRAINED_NETWORK_NAME
 # left out of the stage hashes, so workdirs made before the fields existed (the demo's) keep
 # their hashes.
 ROUND_DEFAULTS = {"retrain": {"width_multiplier": 1.0, "depth_multiplier": 1.0}}
+# Search fields added after workdirs existed, neutral (left out of the hash) at these values:
+# `latency_table` is only read with search.cost='tflite_ms'.
+SEARCH_DEFAULTS = {"search": {"latency_table": ""}}
+SEARCH_COSTS = latency_lib.SEARCH_COSTS
 
 
 def neutral_defaults(kind: supervision.Supervision) -> dict[str, dict[str, Any]]:
-    """{section: {field: plain-run value}}: the pipeline's ROUND_DEFAULTS and the kind's."""
-    return {**ROUND_DEFAULTS, **kind.neutral_defaults}
+    """{section: {field: plain-run value}}: the pipeline's ROUND_DEFAULTS and SEARCH_DEFAULTS
+    and the kind's."""
+    return {**ROUND_DEFAULTS, **SEARCH_DEFAULTS, **kind.neutral_defaults}
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -100,7 +105,11 @@ def get_default_config() -> ml_collections.ConfigDict:
         batch of 128 left every candidate of `small`'s 2x2 block 3 worse than a constant
         predictor (issue 19), so the default is 2,048; 0 = one training batch (the original).
       search: the budget: `budget` (absolute, in `cost` units) or, if 0, `budget_fraction` x
-        the teacher's cost; optional `params_budget`; `combine`, `standardize`, `top_k`,
+        the teacher's cost; `cost` is 'macs', 'params', 'dna_flops' or 'tflite_ms': the
+        latency on the TFLite runtime from the table `latency_table` (a .csv / .json of
+        `benchmarks/measure_latency.py --runtime tflite` for this space, resolution and
+        number of classes; checked before any work; needs an absolute `budget` in ms);
+        optional `params_budget`; `combine`, `standardize`, `top_k`,
         `method` ('exact' or 'beam' with `beam_width`); `unfit_blocks` ('keep' or 'exclude':
         a block whose best candidate does not beat the constant predictor adds nothing to
         the sum) and `rank_normalize` (each block's scores replaced by their ranks), see
@@ -133,7 +142,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.rate = rate
     config.search = dict(cost="macs", budget=0.0, budget_fraction=0.5, params_budget=0.0,
                          combine="sum", standardize=False, top_k=5, method="exact",
-                         beam_width=1024, unfit_blocks="keep", rank_normalize=False)
+                         beam_width=1024, unfit_blocks="keep", rank_normalize=False,
+                         **SEARCH_DEFAULTS["search"])
     config.retrain = retrain_lib.get_default_config()
     config.retrain.inherit_weights = False
     config.retrain.update(ROUND_DEFAULTS["retrain"])
@@ -335,8 +345,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None,
     if config.search.unfit_blocks not in search_lib.UNFIT_BLOCKS:
         raise ValueError(f"config.search.unfit_blocks must be one of {search_lib.UNFIT_BLOCKS}, "
                          f"got {config.search.unfit_blocks!r}")
-    if config.search.cost not in costs_lib.COST_NAMES:
-        raise ValueError(f"config.search.cost must be one of {costs_lib.COST_NAMES}, got "
+    if config.search.cost not in SEARCH_COSTS:
+        raise ValueError(f"config.search.cost must be one of {SEARCH_COSTS}, got "
                          f"{config.search.cost!r}")
     if config.rate.recalibration_images < 0:
         raise ValueError("config.rate.recalibration_images must be >= 0 (0 = one training "

@@ -12,11 +12,14 @@ What differs between kinds is asked of `ctx.kind`: the number of classes, the co
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Sequence
 
 
 from dna_jax import artifacts
+from dna_jax import files
+from dna_jax import latency as latency_lib
 from dna_jax import metrics as metrics_lib
 from dna_jax import multihost
 from dna_jax import rating_table
@@ -64,6 +67,10 @@ def search_budgets(ctx: Context) -> dict[str, float]:
     cfg = ctx.config.search
     budget = cfg.budget
     if not budget:
+        if cfg.cost == latency_lib.TFLITE_COST:
+            raise StageError(f"search.cost={cfg.cost!r} needs an absolute search.budget in "
+                             "milliseconds (there is no teacher latency to take "
+                             "search.budget_fraction of)")
         if not 0 < cfg.budget_fraction:
             raise StageError("set search.budget (absolute) or search.budget_fraction > 0")
         reference = ctx.kind.reference_costs(ctx)
@@ -80,6 +87,35 @@ def search_budgets(ctx: Context) -> dict[str, float]:
     return budgets
 
 
+def add_table_latency(ctx: Context, tables: Sequence[rating_table.BlockTable],
+                      fixed: dict[str, float], num_classes: int
+                      ) -> tuple[list[rating_table.BlockTable], dict[str, float], dict]:
+    """With search.cost='tflite_ms': every block table with a `tflite_ms` column from the
+    configured latency table (checked against the space first) and its `fixed_ms` as the
+    fixed part; also what the search records about the table (path, SHA-256, how it was
+    measured). Other costs: the inputs unchanged and {}."""
+    cfg = ctx.config.search
+    if cfg.cost != latency_lib.TFLITE_COST:
+        return list(tables), fixed, {}
+    if not cfg.latency_table:
+        raise StageError("search.cost='tflite_ms' needs search.latency_table (a table of "
+                         "benchmarks/measure_latency.py --runtime tflite)")
+    path = stage_context.resolve_workdir_path(cfg.latency_table, ctx.workdir)
+    try:
+        table = latency_lib.load_space_latency(path, ctx.space, resolution(ctx), num_classes,
+                                               runtime="tflite")
+    except ValueError as error:
+        raise StageError(str(error)) from error
+    tables = latency_lib.add_space_latency(tables, table, ctx.space, resolution(ctx),
+                                           name=latency_lib.TFLITE_COST)
+    fixed = {**fixed, latency_lib.TFLITE_COST: latency_lib.fixed_latency_ms(table)}
+    recorded = {"path": cfg.latency_table, "sha256": hashlib.sha256(
+        files.read_bytes(path)).hexdigest(), **{key: table.meta[key] for key in (
+            "runtime", "tensorflow", "threads", "batch", "machine", "date", "fixed_ms")
+            if key in table.meta}}
+    return tables, fixed, recorded
+
+
 def run_search(ctx: Context) -> dict[str, Any]:
     """The exact Pareto front, the best network(s) under the budget, the exported winner."""
     from dna_jax import export as export_lib  # pylint: disable=import-outside-toplevel
@@ -92,6 +128,7 @@ def run_search(ctx: Context) -> dict[str, Any]:
     reference = ctx.kind.reference_costs(ctx) or {}
     num_classes = ctx.kind.num_classes(ctx)
     fixed = search_lib.space_fixed_costs(space, resolution(ctx), num_classes)
+    tables, fixed, latency_table = add_table_latency(ctx, tables, fixed, num_classes)
     budgets = search_budgets(ctx)
     kwargs = dict(fixed_cost=fixed, combine=cfg.combine, standardize=cfg.standardize)
     watch = metrics_lib.Stopwatch()
@@ -123,7 +160,8 @@ def run_search(ctx: Context) -> dict[str, Any]:
     return {"budgets": budgets, "winner": winner.to_dict(), "arch": arch.to_json(space),
             "block_strings": space.to_network_spec(arch).to_strings(),
             "front_points": len(front), "search_seconds": search_seconds,
-            "teacher_cost": reference.get(cfg.cost), "export": exported}
+            "teacher_cost": reference.get(cfg.cost), "export": exported,
+            **({"latency_table": latency_table} if latency_table else {})}
 
 
 # ---- stage: retrain ----------------------------------------------------------------------------

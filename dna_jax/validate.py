@@ -10,6 +10,9 @@
   - the search budget: `search.budget_fraction` > 0 when no absolute budget is given, and a
     budget (absolute, or the fraction of the teacher's statically known cost) that no
     network of the space fits is refused, with the space's cheapest and dearest networks;
+    with `search.cost='tflite_ms'`, the latency table is read and checked against the
+    space (runtime, layers, resolution, classes, every entry present) and an absolute
+    budget in ms is required;
   - the sections' own checks (dna_jax.distill / rate / ssl check_config).
 
 Only the sections of the stages that will run are checked (a `stages=search` run is not
@@ -27,7 +30,9 @@ import ml_collections
 
 from dna_jax import costs as costs_lib
 from dna_jax import files
+from dna_jax import latency as latency_lib
 from dna_jax import rate as rate_lib
+from dna_jax import stage_context
 from dna_jax.space import SearchSpace
 
 NATIVE_SIZES = {"fashion_mnist": 28}  # data.image_size=0 means the source's native size
@@ -182,7 +187,7 @@ def _num_classes(config: Any) -> int | None:
 
 
 def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: Any,
-            reference) -> None:
+            reference, workdir: str | None = None) -> None:
     """search.*: method, counts, and the budget against the space's cheapest network."""
     cfg = config.search
     problems.need(cfg.top_k >= 1, "search.top_k", cfg.top_k, "must be >= 1")
@@ -191,7 +196,10 @@ def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: An
                   "must be >= 0 (0 = search.budget_fraction x the teacher's cost)")
     problems.need(cfg.params_budget >= 0, "search.params_budget", cfg.params_budget,
                   "must be >= 0 (0 = none)")
-    if not cfg.budget:
+    analytic = cfg.cost in costs_lib.COST_NAMES
+    if cfg.cost == latency_lib.TFLITE_COST:
+        _tflite_search(problems, config, space, workdir)
+    elif not cfg.budget:
         if not kind.has_reference:
             problems.add("search.budget", cfg.budget, f"{kind.label} has no teacher to take "
                          "search.budget_fraction of: set an absolute search.budget")
@@ -201,14 +209,13 @@ def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: An
                          "0.5 = half the teacher's cost), or set an absolute search.budget")
             return
     num_classes = _num_classes(config)
-    if space is None or num_classes is None or cfg.cost not in costs_lib.COST_NAMES:
+    if space is None or num_classes is None:
         return
-    resolution = int(config.rate.cost_resolution or config.data.image_size or space.resolution)
-    ranges = space_cost_range(space, resolution, num_classes)
-    budgets = []
-    if cfg.budget:
+    resolution = _resolution(config, space)
+    budgets = []  # a latency table's budget was checked above
+    if analytic and cfg.budget:
         budgets.append(("search.budget", cfg.budget, cfg.cost, float(cfg.budget), None))
-    else:
+    elif analytic:
         teacher_cost = kind.reference_static_cost(config, reference, num_classes, cfg.cost)
         if teacher_cost:
             budgets.append(("search.budget_fraction", cfg.budget_fraction, cfg.cost,
@@ -216,6 +223,18 @@ def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: An
     if cfg.params_budget:
         budgets.append(("search.params_budget", cfg.params_budget, "params",
                         float(cfg.params_budget), None))
+    _check_budgets(problems, space, resolution, num_classes, budgets)
+
+
+def _resolution(config: Any, space: SearchSpace) -> int:
+    """The image size the search counts costs at (stage_context.resolution)."""
+    return int(config.rate.cost_resolution or config.data.image_size or space.resolution)
+
+
+def _check_budgets(problems: Problems, space: SearchSpace, resolution: int, num_classes: int,
+                   budgets: Sequence[tuple]) -> None:
+    """(field, value, cost, budget, teacher cost) budgets against the space's cost range."""
+    ranges = space_cost_range(space, resolution, num_classes)
     for field, value, cost, budget, teacher_cost in budgets:
         low, high = ranges[cost]
         where = (f"space {space.name!r} at {resolution} px, {num_classes} classes: cheapest "
@@ -230,6 +249,44 @@ def _search(problems: Problems, config: Any, space: SearchSpace | None, kind: An
             logging.warning("config.%s=%r: a %s budget of %s is above the dearest network of "
                             "%s: every network fits.", field, value, cost, f"{budget:,.0f}",
                             where)
+
+
+def _tflite_search(problems: Problems, config: Any, space: SearchSpace | None,
+                   workdir: str | None) -> None:
+    """search.cost='tflite_ms': an absolute budget (ms) and a TFLite latency table that fits
+    the space, resolution and classes, with every entry; the budget against its range."""
+    cfg, cost = config.search, latency_lib.TFLITE_COST
+    num_classes = _num_classes(config)
+    resolution = _resolution(config, space) if space is not None else None
+    if not cfg.budget:
+        problems.add("search.budget", cfg.budget, f"search.cost={cost!r} needs an absolute "
+                     "budget in milliseconds (there is no teacher latency to take "
+                     "search.budget_fraction of), e.g. --config.search.budget=0.2")
+    if not cfg.latency_table:
+        command = (latency_lib.measure_command(space, resolution, num_classes, "tflite",
+                                               "<table>.csv") if space is not None else "")
+        problems.add("search.latency_table", cfg.latency_table, f"search.cost={cost!r} reads "
+                     f"a TFLite latency table: set its path. {command}")
+        return
+    if space is None:
+        return
+    path = stage_context.resolve_workdir_path(cfg.latency_table, workdir or "")
+    try:
+        table = latency_lib.load_space_latency(path, space, resolution, num_classes, "tflite")
+    except ValueError as error:
+        problems.add("search.latency_table", cfg.latency_table, str(error))
+        return
+    if not cfg.budget:
+        return
+    low, high = latency_lib.space_latency_range(table, space, resolution)
+    where = (f"space {space.name!r} at {resolution} px by {cfg.latency_table}: cheapest "
+             f"network {low:.4g} ms, dearest {high:.4g} ms")
+    if cfg.budget < low:
+        problems.add("search.budget", cfg.budget, f"is below every network of {where}; raise "
+                     f"it to at least {math.ceil(low * 1e4) / 1e4:g}")
+    elif cfg.budget > high:
+        logging.warning("config.search.budget=%r ms is above the dearest network of %s: every "
+                        "network fits.", cfg.budget, where)
 
 
 def device_count(config: Any) -> int:
@@ -292,7 +349,7 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
                       f"is smaller than the total stride {space_stride} of {space_label}: "
                       f"use at least {space_stride} (or 0 = the space's)")
     if "search" in stages:
-        _search(problems, config, space, kind, reference)
+        _search(problems, config, space, kind, reference, workdir)
     if "retrain" in stages:
         check_trainer(problems, config.retrain, "retrain", devices, space_stride,
                       f"the searched network ({space_label})")

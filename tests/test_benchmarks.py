@@ -1,5 +1,6 @@
 """benchmarks/original_dna_rate.py and benchmarks/accelerator_suite.py: arguments, run-time
-patches, the peak table, and (slow) the suite's tiny mode with TensorFlow made unimportable."""
+patches, the peak table, and (slow) the suite's tiny mode with TensorFlow made unimportable;
+benchmarks/tflite_latency_validation.py: its statistics, and (slow) its --quick run."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator_suite  # noqa: E402  (benchmarks/)
 import original_dna_rate  # noqa: E402  (benchmarks/)
+import tflite_latency_validation as tflite_validation  # noqa: E402  (benchmarks/)
 
 # A stand-in for the original's `dna` package, written for these tests (not the original's
 # code): the interface `original_dna_rate.py` drives, with the CUDA-only calls the original
@@ -189,3 +192,52 @@ def test_accelerator_suite_tiny_without_tensorflow(tmp_path):
         assert (distill["sequential_model_flops_per_image_batch"]
                 > distill["all_blocks_model_flops_per_step"] > 0)
     assert result["seconds"] < 1500
+
+
+# ---- benchmarks/tflite_latency_validation.py -------------------------------------------------
+
+def test_tflite_validation_statistics():
+    v = tflite_validation
+    assert v.mape([1.0, 2.0], [1.1, 1.0]) == pytest.approx(30.0)
+    # An exact per-op offset model is recovered leave-one-out; the min-norm fit copes with
+    # collinear columns (every network has the same number of layers).
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(7, [1 / 3] * 3, size=12)
+    predicted = rng.uniform(1.0, 2.0, 12)
+    measured = predicted + counts @ np.array([-0.05, 0.02, 0.1]) + 0.3
+    np.testing.assert_allclose(v.loo_offsets(measured, predicted, counts), measured)
+    fitted = v.fit_offsets(measured, predicted, counts)
+    np.testing.assert_allclose(np.c_[counts, np.ones(12)] @ fitted, measured - predicted)
+    np.testing.assert_allclose(v.loo_scale(2.5 * predicted, predicted), 2.5 * predicted)
+    scores = v.score(measured, predicted, num_resamples=50)
+    assert scores["mape"] > 0 and len(scores["mape_ci95"]) == 2 and -1 <= scores["tau"] <= 1
+    assert "mape" not in v.score(measured, predicted, with_mape=False, num_resamples=50)
+    args = v.parse_args(["--quick"])
+    assert (args.spaces, args.repeats, args.bootstrap) == (v.QUICK_SPACES, 3, 200)
+    args = v.parse_args([])
+    assert args.spaces == "small:60:32,dna_released:30:224" and args.threads == 1
+
+
+@pytest.mark.slow
+def test_tflite_validation_quick_run(tmp_path):
+    out = tmp_path / "validation.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                       "tflite_latency_validation.py"),
+                          "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    tiny = result["spaces"]["tiny"]
+    assert tiny["networks"] == 5 and tiny["tflite_table"]["entries"] == 6
+    assert set(tiny["predictors"]) == {"min", "median"}
+    for predictors in tiny["predictors"].values():
+        assert set(predictors) == {"tflite_table", "tflite_table-invoke_overhead",
+                                   "tflite_table+op_offsets", "jax_table", "macs"}
+        assert "mape" not in predictors["macs"] and "mape_scaled" in predictors["macs"]
+    for row in tiny["rows"]:
+        assert row["jax_table_ms"] > 0 and row["pieces"] == 5
+        for statistic in ("min", "median"):
+            assert 0 < row["measured_ms"]["min"] <= row["measured_ms"]["median"]
+            assert row["tflite_table_ms"][statistic] > 0
+    assert tiny["tflite_table_meta"]["runtime"] == "tflite"
+    assert len(result["loadavg_start"]) == 3 and result["threads"] == 1
