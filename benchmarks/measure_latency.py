@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dna_jax import latency as lat  # noqa: E402
+from dna_jax import machine_info  # noqa: E402
 from dna_jax import space as space_lib  # noqa: E402
 from dna_jax import tflite_latency  # noqa: E402
 from dna_jax.models.childnet import build_childnet  # noqa: E402
@@ -115,7 +116,7 @@ def measure_jax_table(space, resolution: int, batch: int = 1, runs: int = 10, wa
     fixed = measure_fixed(space, resolution, batch, num_classes, runs, warmup, config)
     log(f"  stem + first layer {fixed['stem_ms']:.4f} ms, head {fixed['head_ms']:.4f} ms")
     meta = {"runtime": "jax", "device": device.device_kind, "platform": device.platform,
-            "machine": tflite_latency.cpu_model(), "space": space.name,
+            "machine": machine_info.cpu_summary(), "space": space.name,
             "space_digest": lat.space_digest(space), "resolution": resolution, "batch": batch,
             "dtype": dtype, "runs": runs, "warmup": warmup, "num_classes": num_classes,
             "jax": jax.__version__, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -183,7 +184,7 @@ def main() -> None:
     runs = args.runs or (20 if tflite else 10)
     warmup = args.warmup if args.warmup >= 0 else (3 if tflite else 2)
     device = jax.devices()[0]
-    where = (f"TFLite, {args.threads} thread(s), on {tflite_latency.cpu_model()}" if tflite
+    where = (f"TFLite, {args.threads} thread(s), on {machine_info.cpu_summary()}" if tflite
              else f"{device.device_kind} ({device.platform})")
     out = args.out or f"latency_{space.name}_{'tflite' if tflite else device.platform}.csv"
     start = time.perf_counter()
@@ -219,7 +220,7 @@ def main() -> None:
     fixed = {k: float(table.meta[k]) for k in ("fixed_ms", "stem_ms", "head_ms")}
     print(json.dumps({"out": out, "runtime": args.runtime, "entries": len(entries),
                       "distinct_layers": distinct, "device": device.device_kind,
-                      "platform": device.platform, "machine": tflite_latency.cpu_model(),
+                      "platform": device.platform, "machine": machine_info.cpu_summary(),
                       "threads": args.threads if tflite else None, "batch": args.batch,
                       **fixed, "min_ms": min(v for v in entries.values() if v > 0),
                       "max_ms": max(entries.values()), "networks": checks,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from typing import Sequence
@@ -54,6 +53,7 @@ import measure_latency  # noqa: E402  (benchmarks/)
 
 from dna_jax import costs as costs_lib  # noqa: E402
 from dna_jax import latency as lat  # noqa: E402
+from dna_jax import machine_info  # noqa: E402
 from dna_jax import ranking_stats  # noqa: E402
 from dna_jax import space as space_lib  # noqa: E402
 from dna_jax import tflite_latency  # noqa: E402
@@ -181,29 +181,6 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-AMD_CORES = {("25", "1"): "Zen 3 (EPYC Milan)", ("25", "17"): "Zen 4 (EPYC Genoa)",
-             ("23", "49"): "Zen 2 (EPYC Rome)"}  # (cpu family, model) of /proc/cpuinfo
-
-
-def cpu_description() -> dict:
-    """What /proc/cpuinfo says about the CPU (family/model: AMD 25/1 is Zen 3, 25/17 Zen 4)."""
-    info = {"model_name": tflite_latency.cpu_model(), "cpus": os.cpu_count(),
-            "platform": platform.platform()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
-                          if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        flags = fields.get("flags", "").split()
-        family, model = fields.get("cpu family"), fields.get("model")
-        info.update(family=family, model=model, avx512="avx512f" in flags,
-                    hypervisor="hypervisor" in flags,
-                    microarchitecture=AMD_CORES.get((family, model), "unknown"))
-    except OSError:
-        pass
-    return info
-
-
 def table_pieces(space, arch) -> int:
     """Timed files a table sum adds for `arch`: its non-skip layers, the stem, the head."""
     return 2 + sum(op != space.skip_index for ops in arch.blocks for op in ops)
@@ -327,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         name, count, resolution = item.split(":")
         spaces[name] = measure_space(name, int(count), int(resolution), args, log)
     import tensorflow as tf  # pylint: disable=import-outside-toplevel  (loaded by now)
-    cpu = cpu_description()
+    cpu = machine_info.cpu_description()
     result = {
         "benchmark": "tflite_latency_validation", "quick": args.quick,
         "note": (f"latencies measured on a shared {cpu['cpus']}-vCPU "

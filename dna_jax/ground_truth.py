@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from dna_jax import artifacts
 from dna_jax import costs as costs_lib
 from dna_jax import data as data_lib
 from dna_jax import host_memory
+from dna_jax import machine_info
 from dna_jax import metrics as metrics_lib
 from dna_jax import retrain as retrain_lib
 from dna_jax import sharding as sharding_lib
@@ -216,14 +216,7 @@ def _git_commit() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        cpu = f"{names[0]} x{len(names)}" if names else cpu
-    except OSError:
-        pass
-    return f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {cpu}"
+    return f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {machine_info.cpu_summary()}"
 
 
 def standalone_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:

@@ -6,7 +6,8 @@ the rating's op applications take one 80 MB temporary block per candidate at bat
 `mmap`ed on every call, because blocks over `M_MMAP_THRESHOLD` (at most 32 MB) always are and
 because XLA's worker threads allocate from per-thread arenas whose heaps hold at most 64 MB.
 The kernel then zeroes the fresh pages on first touch (one minor fault per 4 KiB) and takes
-them back at `munmap`: measured on the 2-vCPU Zen 4 machine, rating one leaf op application
+them back at `munmap`: measured on the project's 2-vCPU AMD EPYC machine (cpuinfo on the
+day: family 25 model 1, Zen 3), rating one leaf op application
 of block 1 made 20,000 page faults (80 MB) per call, and the whole block-1 rating spent a
 quarter of its CPU time in the kernel.
 

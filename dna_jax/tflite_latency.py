@@ -39,6 +39,7 @@ import numpy as np
 from dna_jax import deploy
 from dna_jax import files
 from dna_jax import latency as lat
+from dna_jax import machine_info
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.layers import ConvBN, LayerConfig, make_layer
 from dna_jax.netspec import conv_output_size
@@ -94,18 +95,6 @@ def head_input_size(space, resolution: int) -> int:
     return conv_output_size(size, space.layer_io(last, space.blocks[last].num_layers - 1)[2])
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class TfliteTimer:
     """Converts pieces of networks to TFLite and times them; each distinct piece once.
 
@@ -144,7 +133,7 @@ class TfliteTimer:
                 "threads": str(self.threads), "batch": str(self.batch),
                 "repeats": str(self.repeats), "warmup": str(self.warmup),
                 "statistic": self.statistic, "quantize": self.quantize or "none",
-                "dtype": "float32", "machine": cpu_model(), "cpus": str(os.cpu_count()),
+                "dtype": "float32", "machine": machine_info.cpu_summary(), "cpus": str(os.cpu_count()),
                 "platform": platform.platform(),
                 "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
