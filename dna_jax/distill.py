@@ -147,11 +147,16 @@ class DistillState(struct.PyTreeNode):
                 for name in self.params}
 
 
+def _per_example_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """float32 [B]: the MSE of each example."""
+    return jnp.mean(jnp.square(student.astype(jnp.float32) - teacher),
+                    axis=tuple(range(1, student.ndim)))
+
+
 def _mse(student: jax.Array, teacher: jax.Array, mask: jax.Array | None = None
          ) -> tuple[jax.Array, jax.Array]:
     """(sum over examples of the per-example MSE, number of examples), masked if given."""
-    per_example = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher),
-                           axis=tuple(range(1, student.ndim)))
+    per_example = _per_example_mse(student, teacher)
     if mask is None:
         return jnp.sum(per_example), jnp.asarray(per_example.shape[0], jnp.float32)
     return jnp.sum(per_example * mask), jnp.sum(mask)
@@ -255,7 +260,8 @@ class Distiller(paths_lib.BlockPaths):
     # -- the step --
 
     def train_step(self, state: DistillState, teacher_variables: PyTree, images: jax.Array,
-                   active: Sequence[int] | None = None, start_step: int = 0
+                   active: Sequence[int] | None = None, start_step: int = 0,
+                   select_branches: bool = False
                    ) -> tuple[DistillState, dict[str, jax.Array]]:
         """One distillation step of the `active` blocks (default: all) from one teacher forward.
 
@@ -266,6 +272,9 @@ class Distiller(paths_lib.BlockPaths):
           active: block indices to train (static); the others are carried unchanged.
           start_step: global step at which this schedule phase began (static): the learning
             rate and path sampling use `state.step - start_step`.
+          select_branches: run every op of a layer and select the sampled one's output, not
+            `lax.switch` (static; `jit_train_step` sets it where `sharding.flat_collectives`
+            asks). The same step either way: ops off the path keep their statistics.
 
         Returns:
           The new state and metrics: 'loss', 'lr', 'grad_norm' (float32 [len(active)]) and
@@ -277,12 +286,14 @@ class Distiller(paths_lib.BlockPaths):
         names = [paths_lib.block_name(k) for k in active]
         branches = {name: self.sample_branches(state.rng, k, local_step)
                     for k, name in zip(active, names)}
+        blocks = {k: self.blocks[k].clone(select_branches=True) if select_branches
+                  else self.blocks[k] for k in active}
 
         def loss_fn(params):
             losses, new_stats = [], {}
             for k, name in zip(active, names):
                 block_input, target = self.block_io(features, images, k)
-                output, updates = self._apply(self.blocks[k])(
+                output, updates = self._apply(blocks[k])(
                     {"params": params[name], "batch_stats": state.batch_stats[name]},
                     block_input, self.branches_to_ops(k, branches[name]), True,
                     mutable=["batch_stats"])
@@ -303,7 +314,8 @@ class Distiller(paths_lib.BlockPaths):
             params[name], opt_state[name] = update_lib.masked_block_update(
                 self.optimizer, self.choice_table(k), state.params[name], grads[name],
                 state.opt_state[name], branches[name], lr)
-            batch_stats[name] = new_stats[name]
+            batch_stats[name] = update_lib.keep_off_path_stats(
+                self.choice_table(k), state.batch_stats[name], new_stats[name], branches[name])
             rates.append(lr)
             norms.append(optax.global_norm(grads[name]))
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -318,7 +330,9 @@ class Distiller(paths_lib.BlockPaths):
 
         Args:
           paths: {'block<k>': int32 [num_paths, num_layers] op indices}; the paths are run
-            one after another (`lax.map`, never a vmap over the switch index).
+            one after another (`lax.map`, never a vmap over the switch index), each giving
+            per-example errors: the sums over the (split) batch happen after the loop, so no
+            collective is nested in it (`sharding.flat_collectives`).
           mask: float [B], 0 for padding examples.
 
         Returns:
@@ -329,16 +343,17 @@ class Distiller(paths_lib.BlockPaths):
                                          self.teacher_stop(range(self.num_blocks)))
 
         def one_path(path):
-            sums = []
+            errors = []
             for k, name in enumerate(self.names):
                 block_input, target = self.block_io(features, images, k)
                 output = self._apply(self.blocks[k])(
                     {"params": state.params[name], "batch_stats": state.batch_stats[name]},
                     block_input, path[name], False)
-                sums.append(_mse(output, target, mask)[0])
-            return jnp.stack(sums)
+                errors.append(_per_example_mse(output, target))
+            return jnp.stack(errors)  # [num_blocks, B]
 
-        sums = jax.lax.map(one_path, paths)
+        errors = jax.lax.map(one_path, paths)  # [num_paths, num_blocks, B]
+        sums = jnp.sum(errors * mask, axis=2)
         num_paths = next(iter(paths.values())).shape[0]
         return jnp.sum(sums, axis=0), jnp.sum(mask) * num_paths
 
@@ -346,8 +361,10 @@ class Distiller(paths_lib.BlockPaths):
 
     def jit_train_step(self, mesh: Mesh, active: Sequence[int] | None = None,
                        start_step: int = 0, donate: bool = True) -> Callable:
-        """`train_step` compiled for `mesh`: batch split over every mesh axis, state replicated."""
-        step = lambda s, t, x: self.train_step(s, t, x, active, start_step)
+        """`train_step` compiled for `mesh`: batch split over every mesh axis, state replicated
+        (ops selected, not switched, where `sharding.flat_collectives(mesh)`)."""
+        select = sharding_lib.flat_collectives(mesh)
+        step = lambda s, t, x: self.train_step(s, t, x, active, start_step, select)
         return loop_lib.jit_sharded(step, mesh, "rrb", donate)
 
     def jit_eval_step(self, mesh: Mesh) -> Callable:

@@ -106,6 +106,27 @@ def mesh_from_config(config: Any, devices: Sequence[Any] | None = None) -> Mesh:
     return make_mesh(tuple(config.shape), tuple(config.axis_names), config.axis_types, devices)
 
 
+def flat_collectives(mesh: Mesh) -> bool:
+    """Whether programs on `mesh` must keep every collective out of control flow.
+
+    True on XLA:CPU meshes of more than one device. XLA:CPU's thunk runtime runs independent
+    operations concurrently and orders collectives only by when they START (a "scheduling"
+    edge between them, not an "execution" one). A collective nested in a conditional or a
+    loop (`lax.switch`, `lax.map`, `lax.scan`) starts whenever the nested thunks reach it, so
+    an independent collective scheduled after the conditional may run before it on one
+    process and after it on another. Gloo matches collectives by their order on each pair of
+    processes, so a 2-process run aborts with "op.preamble.length <= op.nbytes ... Is there a
+    distributed collective mismatch" (seen: DNA+ round 2's distillation step, where block 0's
+    stem BatchNorm all-reduce overtook the f32[40] BatchNorm all-reduce inside block 1's
+    `lax.switch` on one of the two processes; both took the same branch). In one process the
+    CPU collectives meet by name, but the two programs are kept the same so that a 1-process
+    run with N devices equals an N-process run. TPU and GPU execute a program's collectives in
+    program order, so they keep the control flow (the supernet's `lax.switch` runs only the
+    sampled op).
+    """
+    return mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of state that every device holds whole (params, optimizer state)."""
     return NamedSharding(mesh, P())

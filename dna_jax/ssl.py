@@ -57,6 +57,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from dna_jax import artifacts
+from dna_jax import sharding as sharding_lib
 from dna_jax.data import views as views_lib
 from dna_jax.models import cpu_conv
 from dna_jax.models.layers import LayerConfig
@@ -316,8 +317,22 @@ class SelfSupervised(paths_lib.BlockPaths):
     conv_impl: str = "auto"
     sampling: str = "uniform"
     fast_compile: bool = False
+    # Set by `for_mesh` where `sharding.flat_collectives`: blocks select their ops, the path
+    # loop is unrolled, so no collective is nested in control flow.
+    flat_collectives: bool = False
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False,
                                        repr=False)
+
+    def for_mesh(self, mesh: Mesh) -> "SelfSupervised":
+        """This trainer as its step runs on `mesh`: itself, or where
+        `sharding.flat_collectives(mesh)` (multi-device XLA:CPU) a copy whose blocks run every
+        op and select (`SupernetBlock.select_branches`) and whose loop over the paths is
+        unrolled. The same step either way."""
+        if not sharding_lib.flat_collectives(mesh) or self.flat_collectives:
+            return self
+        return dataclasses.replace(
+            self, blocks=tuple(b.clone(select_branches=True) for b in self.blocks),
+            flat_collectives=True)
 
     def phases(self) -> list[loop_lib.Phase]:
         return loop_lib.make_phases(self.schedule, self.num_blocks, self.steps_per_block)
@@ -363,11 +378,16 @@ class SelfSupervised(paths_lib.BlockPaths):
 
     def _block(self, k: int, params: PyTree, stats: PyTree, x: jax.Array,
                branches: jax.Array) -> tuple[jax.Array, PyTree]:
-        """Training-mode forward of block k on path `branches`; (output, new statistics)."""
+        """Training-mode forward of block k on path `branches`; (output, new statistics:
+        those of the ops on the path moved)."""
         y, updates = self.blocks[k].apply({"params": params, "batch_stats": stats}, x,
                                           self.branches_to_ops(k, branches), True,
                                           mutable=["batch_stats"])
-        return y, updates["batch_stats"]
+        new_stats = updates["batch_stats"]
+        if self.flat_collectives:  # every op ran: keep the others' statistics
+            new_stats = update_lib.keep_off_path_stats(self.choice_table(k), stats, new_stats,
+                                                       branches)
+        return y, new_stats
 
     def feed_forward(self, block_variables: Mapping[str, PyTree], x: jax.Array,
                      paths: Sequence[jax.Array]) -> jax.Array:
@@ -425,9 +445,11 @@ class SelfSupervised(paths_lib.BlockPaths):
             return (stats, target_stats), (z, q, t)
 
         # A scan over the paths compiles the block once, not P times; the BatchNorm running
-        # statistics are carried from path to path as in a loop.
+        # statistics are carried from path to path as in a loop. Unrolled where collectives
+        # must stay out of loops (`flat_collectives`).
         (stats, target_stats), (projections, predictions, targets) = jax.lax.scan(
-            one_path, (stats, target_stats), (jnp.stack(list(inputs)), branches))
+            one_path, (stats, target_stats), (jnp.stack(list(inputs)), branches),
+            unroll=self.num_paths if self.flat_collectives else 1)
         centre = jax.lax.stop_gradient(ensemble_target(targets))  # [2B, D]
         half = centre.shape[0] // 2
         swapped = jnp.concatenate([centre[half:], centre[:half]], axis=0)
@@ -515,8 +537,9 @@ class SelfSupervised(paths_lib.BlockPaths):
         return new, new_opt
 
     def jit_train_step(self, mesh: Mesh, phase: loop_lib.Phase, donate: bool = True) -> Callable:
+        trainer = self.for_mesh(mesh)
         step = cpu_conv.with_tap_convs(
-            lambda s, v, paths: self.train_step(s, v, paths, phase.active, phase.start),
+            lambda s, v, paths: trainer.train_step(s, v, paths, phase.active, phase.start),
             self.conv_impl)
         return loop_lib.jit_sharded(step, mesh, "rbr", donate)
 

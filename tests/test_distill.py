@@ -30,6 +30,7 @@ from dna_jax.models.initialize import init_variables
 from dna_jax.netspec import LayerSpec, NetworkSpec
 from dna_jax.space import Arch, BlockSpec, OpSpec, SearchSpace, get_space
 from dna_jax.supernet import artifact, loop, paths
+from hlo_checks import collectives, nested_collectives  # tests/ is on sys.path
 
 SIZE, BATCH, STEPS = 16, 8, 3
 
@@ -146,12 +147,16 @@ def test_fixed_path_equals_child_network_layers(tiny):
 
 
 def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
+    """Params, optimizer state and BatchNorm statistics of the ops no step sampled stay
+    bitwise; on the 4-device CPU mesh every op runs (`select_branches`), so this also checks
+    that the statistics of the ops not taken are put back."""
     distiller, mesh = tiny_distiller(tiny), tiny["mesh"]
+    assert sharding.flat_collectives(mesh)  # the select path
     state = loop.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
-    before = jax.device_get((state.params, state.opt_state))
+    before = jax.device_get((state.params, state.opt_state, state.batch_stats))
     state, metrics = run_steps(distiller, mesh, all_phase(distiller), state,
                                tiny["teacher_variables"], host_images(tiny, STEPS))
-    after = jax.device_get((state.params, state.opt_state))
+    after = jax.device_get((state.params, state.opt_state, state.batch_stats))
     unchanged = changed = 0
     for k, name in enumerate(distiller.names):
         sampled = {(l, int(b)) for m in metrics for l, b in enumerate(m["branches"][name])}
@@ -159,16 +164,47 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
             where = paths.group_branch(group)
             trees = [paths.op_groups(p[name])[group] for p in (before[0], after[0])]
             trees += [o[name][group] for o in (before[1], after[1])]
+            trees += [paths.op_groups(b[name]).get(group, {}) for b in (before[2], after[2])]
             same = [all(np.array_equal(a, b) for a, b in
                         zip(jax.tree.leaves(trees[i]), jax.tree.leaves(trees[i + 1])))
-                    for i in (0, 2)]
+                    for i in (0, 2, 4)]
+            has_stats = bool(jax.tree.leaves(trees[4]))
             if where is not None and where not in sampled:
-                assert same == [True, True], f"{name} {group} moved without being sampled"
+                assert same == [True, True, True], f"{name} {group} moved without being sampled"
                 unchanged += 1
             else:
-                assert same == [False, False], f"{name} {group} was sampled but did not move"
+                assert same == [False, False, not has_stats], \
+                    f"{name} {group} was sampled but did not move"
                 changed += 1
     assert unchanged >= 2 and changed >= 4
+
+
+def test_multi_device_cpu_steps_nest_no_collective(tiny):
+    """On a multi-device XLA:CPU mesh no collective of the train or validation step sits in
+    a conditional or a loop: XLA:CPU orders collectives only by when they start, so one nested
+    in a `lax.switch` could run before or after an independent one depending on the process
+    (the DNA+ round-2 gloo abort, see `sharding.flat_collectives`). With one device the
+    train step keeps its `lax.switch` (only the sampled op runs)."""
+    distiller, tv = tiny_distiller(tiny), tiny["teacher_variables"]
+    for mesh in (tiny["mesh"], sharding.make_mesh(devices=jax.devices()[:1])):
+        state = loop.init_state(distiller, 0, (SIZE, SIZE, 3), mesh)
+        step = distill.compile_train_step(distiller, mesh, all_phase(distiller), state,
+                                          jax.device_put(tv, sharding.replicated(mesh)),
+                                          (BATCH, SIZE, SIZE, 3))
+        text = step.as_text()
+        if mesh.devices.size == 1:
+            assert not sharding.flat_collectives(mesh) and " conditional(" in text
+            continue
+        assert sharding.flat_collectives(mesh)
+        assert collectives(text) and not nested_collectives(text), nested_collectives(text)
+        images = jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32,
+                                      sharding=sharding.batch_sharding(mesh))
+        mask = jax.ShapeDtypeStruct((BATCH,), jnp.float32,
+                                    sharding=sharding.batch_sharding(mesh))
+        evaluation = distiller.jit_eval_step(mesh).lower(
+            state, tv, images, mask, distill.validation_paths(distiller, 2, 0)).compile()
+        text = evaluation.as_text()
+        assert collectives(text) and not nested_collectives(text), nested_collectives(text)
 
 
 def test_all_blocks_step_equals_each_block_trained_alone(tiny):

@@ -22,6 +22,7 @@ from dna_jax.data import views
 from dna_jax.netspec import LayerSpec
 from dna_jax.space import BlockSpec, OpSpec, SearchSpace, get_space
 from dna_jax.supernet import loop, paths as paths_lib, update
+from hlo_checks import collectives, nested_collectives  # tests/ is on sys.path
 
 SIZE, BATCH, PATHS, RUN_STEPS = 16, 16, 2, 40
 SPACE = SearchSpace(
@@ -219,12 +220,20 @@ def test_pipeline_checks_dna_pp_configs(tmp_path):
 
 
 def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
+    """Online and target weights, optimizer state and the BatchNorm statistics of both sides
+    stay bitwise for the ops no path sampled. On the 4-device CPU mesh every op runs and the
+    path loop is unrolled (`SelfSupervised.for_mesh`), and no collective of the step is nested
+    in control flow (see `sharding.flat_collectives`)."""
     trainer, mesh = tiny["trainer"], tiny["mesh"]
+    assert sharding.flat_collectives(mesh)
     state = loop.init_state(trainer, 0, (SIZE, SIZE, 3), mesh)
     phase = trainer.phases()[0]
     step = ssl_train.compile_train_step(trainer, mesh, phase, state,
                                         (BATCH, 2 * PATHS, SIZE, SIZE, 3))
-    before = jax.device_get((state.params, state.opt_state, state.target_params))
+    text = step.as_text()
+    assert collectives(text) and not nested_collectives(text), nested_collectives(text)
+    stats = lambda s: (s.batch_stats, s.target_batch_stats)  # noqa: E731
+    before = jax.device_get((state.params, state.opt_state, state.target_params, stats(state)))
     sampled = {name: set() for name in trainer.names}
     batches = tiny["train"].global_batches(0)
     for _ in range(2):
@@ -233,19 +242,24 @@ def test_masked_steps_leave_unsampled_ops_bitwise_unchanged(tiny):
             assert paths.shape == (PATHS, SPACE.blocks[int(name[-1])].num_layers)
             sampled[name] |= {(l, int(b)) for path in paths for l, b in enumerate(path)}
     batches.close()
-    after = jax.device_get((state.params, state.opt_state, state.target_params))
+    after = jax.device_get((state.params, state.opt_state, state.target_params, stats(state)))
     unchanged = changed = 0
     for name in trainer.names:
         for group in paths_lib.op_groups(before[0][name]["block"]):
             where = paths_lib.group_branch(group)
             trees = [(paths_lib.op_groups(p[name]["block"])[group], o[name][group],
-                      paths_lib.op_groups(t[name]["block"])[group]) for p, o, t in (before, after)]
+                      paths_lib.op_groups(t[name]["block"])[group],
+                      paths_lib.op_groups(b[0][name]).get(group, {}),
+                      paths_lib.op_groups(b[1][name]).get(group, {}))
+                     for p, o, t, b in (before, after)]
             same = [_leaves_equal(a, b) for a, b in zip(*trees)]
+            has_stats = bool(jax.tree.leaves(trees[0][3]))
             if where is not None and where not in sampled[name]:
-                assert same == [True] * 3, f"{name} {group} moved without being sampled"
+                assert same == [True] * 5, f"{name} {group} moved without being sampled"
                 unchanged += 1
             else:
-                assert same == [False] * 3, f"{name} {group} was sampled but did not move"
+                assert same == [False] * 3 + [not has_stats] * 2, \
+                    f"{name} {group} was sampled but did not move"
                 changed += 1
         for head in ssl.HEAD_GROUPS:  # heads are always trained
             assert not _leaves_equal(before[0][name][head], after[0][name][head])

@@ -3,6 +3,9 @@
 A `SupernetBlock` runs one path, given as a traced int array of op indices, so a single
 compilation serves every path (`nn.switch` executes the chosen branch only). It also exposes
 `apply_op` (one op of one layer, static indices), the unit the prefix-sharing evaluator vmaps.
+With `select_branches` every op of a layer runs and `lax.select_n` keeps the chosen one's
+output: no conditional, so no collective nested in one (what a training step on a multi-device
+XLA:CPU mesh needs, see `dna_jax.sharding.flat_collectives`).
 
 Alignment with the teacher (REFERENCE.md section 2): block 0 starts from the image through the
 student's stem and first layer; block k > 0 takes the teacher's output of stage
@@ -49,6 +52,10 @@ class ChoiceLayer(nn.Module):
       space, block_index, layer_index: which layer of which block.
       in_channels, out_channels, stride: the layer's shapes in the supernet.
       config: layer options.
+      select_branches: run every op and select the chosen one's output instead of
+        `nn.switch` (same output and gradients; every op's BatchNorm then sees the batch in
+        training mode, so the caller keeps the statistics of the ops off the path:
+        `dna_jax.supernet.update.keep_off_path_stats`).
     """
 
     space: SearchSpace
@@ -58,6 +65,7 @@ class ChoiceLayer(nn.Module):
     out_channels: int
     stride: int
     config: LayerConfig = LayerConfig()
+    select_branches: bool = False
 
     @property
     def choices(self) -> tuple[int, ...]:
@@ -96,6 +104,10 @@ class ChoiceLayer(nn.Module):
             # Create every branch's variables; the switch below only traces the one chosen.
             outputs = [module(x, train) for module in self.ops]
             return outputs[0]
+        if self.select_branches:
+            # The op's output is computed by every branch and picked by `select_n`, whose
+            # gradient is zero for the branches not picked.
+            return jax.lax.select_n(branch, *[module(x, train) for module in self.ops])
         # Each branch is rematerialised: under jax.grad a switch hands the residuals of every
         # branch to the backward pass, so without remat the taken branch also fills buffers for
         # the activations of all the others (profile of the B7 all-blocks step: 5,758 copies,
@@ -115,12 +127,14 @@ class SupernetBlock(nn.Module):
       in_channels: channels of the block input (the teacher's previous stage); ignored for
         block 0, which starts from the image.
       config: layer options.
+      select_branches: every ChoiceLayer runs all its ops and selects (see ChoiceLayer).
     """
 
     space: SearchSpace
     block_index: int
     in_channels: int
     config: LayerConfig = LayerConfig()
+    select_branches: bool = False
 
     def setup(self):
         space, b = self.space, self.block_index
@@ -135,7 +149,7 @@ class SupernetBlock(nn.Module):
         for l in range(block.num_layers):
             out = block.out_channels if l == block.num_layers - 1 else block.hidden_channels
             layers.append(ChoiceLayer(space, b, l, channels, out, block.stride if l == 0 else 1,
-                                      self.config))
+                                      self.config, self.select_branches))
             channels = out
         self.layers = layers
 

@@ -116,6 +116,28 @@ def masked_ema(choice_table: Sequence[np.ndarray], target: PyTree, online: PyTre
     return merge_groups(new)
 
 
+def keep_off_path_stats(choice_table: Sequence[np.ndarray], before: PyTree, after: PyTree,
+                        branches: jax.Array) -> PyTree:
+    """One block's BatchNorm statistics after a training forward, with those of the ops on
+    none of the paths put back bitwise (`before`).
+
+    Under `nn.switch` an op off the path does not run and its statistics do not move; with
+    `select_branches` (multi-device XLA:CPU meshes, `sharding.flat_collectives`) every op runs
+    on the batch, and this keeps the statistics of the ops that were not sampled, so both
+    ways leave the same supernet. `branches`: int [L] or [P, L] (see `masked_block_update`).
+    """
+    before_groups, after_groups = op_groups(before), op_groups(after)
+    kept = {}
+    for group, subtree in after_groups.items():
+        where = group_branch(group)
+        if where is not None and len(choice_table[where[0]]) > 1:
+            moved = on_path(branches, *where)
+            subtree = jax.tree.map(lambda a, b: jnp.where(moved, a, b), subtree,
+                                   before_groups[group])
+        kept[group] = subtree
+    return merge_groups(kept)
+
+
 # ---- schedules ---------------------------------------------------------------------------
 
 
