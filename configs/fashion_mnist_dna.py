@@ -120,5 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         retrain.total_steps = 4
         retrain.log_every_steps = 2
         retrain.checkpoint_every_steps = 2
+        # StableHLO only (a second): TFLite conversion takes seconds per file and the tests
+        # run this pipeline often; tests/test_deploy.py covers TFLite.
+        config.deploy.formats = "stablehlo"
+        config.deploy.parity_images = 4
     config.lock()
     return config

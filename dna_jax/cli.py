@@ -4,7 +4,10 @@
   dna-jax run --config configs/X.py --workdir DIR        the DNA pipeline (dna_jax.main)
   dna-jax train --config configs/X.py --workdir DIR      classifier training (teacher, retrain)
   dna-jax export --space NAME (--table-dir DIR --budget macs=460M | --arch arch.json) [--out DIR]
+                 [--format tflite|stablehlo|all] [--batch 1]
                                                          export the winner (dna_jax.export)
+  dna-jax export --network W/retrain/network [--format all] [--out DIR]
+                                                         deployable files of a trained network
 
 Every command ends by printing one JSON object on its last output line. `dna-jax CMD --help`
 lists a command's flags; a bad argument is refused with one line on stderr and status 2.

@@ -6,13 +6,24 @@ deployment need, in open formats, into one folder:
   arch.json         `Arch.to_json(space)`: op indices per block, op names, timm block strings
   variables/        Orbax checkpoint of the child network's {'params', 'batch_stats'}
   inheritance.json  which variable leaves came from the supernet and why the others did not
-  export.json       the summary (written last: its presence marks a complete export)
+  model.tflite, model_int8.tflite, model.stablehlo
+                    with `deploy_options` (`dna-jax export --format tflite|stablehlo|all`):
+                    the child network as deployable files (dna_jax.deploy, which documents
+                    their calling convention), batch fixed (`--batch`, default 1)
+  export.json       the summary (written last: its presence marks a complete export); under
+                    `deploy` each deploy file's SHA-256, size and input shape, its parity with
+                    the Flax model and the TFLite latency
 
 Everything is verified when read back (`load_exported`): export.json is sealed (its `sha256`
-field, dna_jax.artifacts.sealed), it records the SHA-256 of arch.json (`arch_sha256`), and the
-variables' files have their checksums beside them (`variables.sha256.json`,
-dna_jax.integrity). A file that fails is named with how to export it again (in a pipeline
-workdir: which manifest to remove so the search stage, and nothing else, runs again).
+field, dna_jax.artifacts.sealed), it records the SHA-256 of arch.json (`arch_sha256`) and of
+every deploy file, and the variables' files have their checksums beside them
+(`variables.sha256.json`, dna_jax.integrity). A file that fails is named with how to export it
+again (in a pipeline workdir: which manifest to remove so the search stage, and nothing else,
+runs again).
+
+A trained network (a teacher checkpoint such as the pipeline's retrain/network) gets its
+deploy files from `deploy_network` (`dna-jax export --network DIR`; the pipeline's deploy
+stage): the files and a sealed deploy.json, verified by `load_deployed`.
 
 Weights can be inherited from the supernet ({'block<k>': {'params', 'batch_stats'}}, see
 `dna_jax.models.supernet`). Child layer i of a block is the supernet's `layers_<l>/ops_<j>`
@@ -39,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dna_jax import artifacts, costs, files, integrity, multihost, rating_table
+from dna_jax import artifacts, costs, deploy, files, integrity, multihost, rating_table
 from dna_jax.models.childnet import build_childnet
 from dna_jax.models.efficientnet import EfficientNet
 from dna_jax.models.initialize import init_variables
@@ -255,7 +266,8 @@ def _abstract_variables(module: EfficientNet, resolution: int) -> dict:
 def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *,
                   num_classes: int, resolution: int | None = None,
                   supernet_variables: Mapping[str, PyTree] | None = None, seed: int = 0,
-                  layer_config: LayerConfig | None = None) -> dict:
+                  layer_config: LayerConfig | None = None,
+                  deploy_options: deploy.DeployOptions | None = None) -> dict:
     """Writes arch.json, the child network's variables (Orbax) and a summary to `out_dir`.
 
     Args:
@@ -269,14 +281,24 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
       supernet_variables: if given, weights are inherited where shapes match exactly.
       seed: initialisation seed of the fresh weights.
       layer_config: padding, BatchNorm and activation options of the child network.
+      deploy_options: deployable files to write too (TFLite, StableHLO: dna_jax.deploy), of
+        the exported variables, at `resolution`; None or no formats: none.
 
     Returns:
       The summary (also `export.json`): params, macs, dna_flops, ops per stage, block
-      strings, inherited and fresh leaf counts, the search result if given.
+      strings, inherited and fresh leaf counts, the search result if given, and under
+      `deploy` the deploy files (SHA-256, size, input shape), their parity and latency.
+
+    Raises:
+      deploy.DeployError: TFLite asked for where TensorFlow is missing (before any write).
     """
     result = arch if isinstance(arch, SearchResult) else None
     arch = arch_of(space, arch)
     resolution = resolution or space.resolution
+    formats = deploy_options.formats if deploy_options else ()
+    problem = deploy.tensorflow_problem(formats, "--format stablehlo")
+    if problem:
+        raise deploy.DeployError(problem)
     layer_config = layer_config or LayerConfig()
     module = build_childnet(space, arch, num_classes, layer_config)
     variables = init_child(module, resolution, seed)
@@ -294,6 +316,12 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
     summary = _summary(space, arch, module.spec, variables, report, num_classes, resolution,
                        seed, layer_config, result, supernet_variables is not None)
     if multihost.is_writer():
+        _remove_deploy_files(out_dir)  # an earlier export's are not this network's
+        if formats:
+            fn = deploy.inference_fn(module, multihost.replicated_to_host(variables))
+            shape = (deploy_options.batch_size, resolution, resolution, 3)
+            summary["deploy"] = deploy.write_deploy_files(fn, shape, out_dir, deploy_options)
+            summary["files"]["deploy"] = [r["file"] for r in summary["deploy"]["files"]]
         arch_text = arch.to_json(space) + "\n"
         artifacts.write_text(os.path.join(out_dir, ARCH_FILE), arch_text)
         artifacts.write_json(os.path.join(out_dir, INHERITANCE_FILE), report)
@@ -303,6 +331,11 @@ def export_winner(space: SearchSpace, arch: Arch | SearchResult, out_dir: str, *
         artifacts.write_json(summary_path, summary)
     multihost.barrier("export written")
     return summary
+
+
+def _remove_deploy_files(out_dir: str) -> None:
+    for _, path, _ in deploy.file_records(out_dir, deploy.FORMATS):
+        files.remove(path, missing_ok=True)
 
 
 def _save_variables(path: str, variables: PyTree) -> None:
@@ -386,6 +419,10 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{arch_path} is not a readable architecture "
                           f"({type(error).__name__}: {error}); {redo_hint(out_dir)}") from error
+    problems = deploy.verify_deploy_files(out_dir, summary.get("deploy"))
+    if problems:
+        raise ExportError(f"{'; '.join(problems)} (the deploy files recorded in "
+                          f"{SUMMARY_FILE}); {redo_hint(out_dir)}")
     space = space or get_space(summary["space"])
     config = _layer_config_from(summary["layer_config"])
     module = build_childnet(space, arch, summary["num_classes"], config)
@@ -407,6 +444,114 @@ def load_exported(out_dir: str, space: SearchSpace | None = None
         raise ExportError(f"{variables_dir}: cannot restore the child network's variables "
                           f"({type(error).__name__}: {error}); {redo_hint(out_dir)}") from error
     return module, variables, arch
+
+
+# ---- deploy files of a trained network -------------------------------------------------------
+
+DEPLOY_FILE = "deploy.json"
+
+
+def input_channels(variables: Mapping[str, Any]) -> int:
+    """The image channels a network's stem reads (3 when it cannot tell)."""
+    kernel = _lookup(variables, ("params", "stem", "conv", "kernel"))
+    return int(kernel.shape[2]) if kernel is not None else 3
+
+
+def deploy_network(network_dir: str, out_dir: str, options: deploy.DeployOptions, *,
+                   resolution: int = 0, preprocessing: Mapping[str, Any] | None = None,
+                   redo: str | None = None) -> dict:
+    """Deploy files of a trained network (a teacher checkpoint, e.g. the pipeline's
+    retrain/network) in `out_dir`, described in a sealed `deploy.json` (written last).
+
+    Every process loads the network (like any reader of a checkpoint); process 0 converts,
+    checks, times and writes (dna_jax.multihost), the others wait at a barrier.
+
+    Args:
+      network_dir: the teacher checkpoint (dna_jax.teacher: teacher.json + variables/).
+      out_dir: the folder of the deploy files and deploy.json (created; earlier deploy files
+        there are removed first).
+      options: formats, batch, threads, timing repeats, parity images.
+      resolution: input side length; 0: the checkpoint's `preprocessing.resolution`.
+      preprocessing: how inputs are normalised (recorded for the deployer), if known.
+      redo: how to ask for StableHLO only, named by the TensorFlow error.
+
+    Returns:
+      deploy.json's content on process 0 ({} elsewhere): the network (name, block strings,
+      costs), its source (path, teacher.json's SHA-256) and `write_deploy_files`' description.
+
+    Raises:
+      deploy.DeployError: TFLite without TensorFlow; ValueError: no resolution known.
+    """
+    from dna_jax import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+
+    problem = deploy.tensorflow_problem(options.formats, redo or "--format stablehlo")
+    if problem:
+        raise deploy.DeployError(problem)
+    network_dir, out_dir = files.absolute(network_dir), files.absolute(out_dir)
+    metadata = teacher_lib.read_teacher_metadata(network_dir)
+    resolution = resolution or int(metadata.get("preprocessing", {}).get("resolution") or 0)
+    if not resolution:
+        raise ValueError(f"{network_dir}: its teacher.json records no input resolution; give "
+                         "one (--resolution)")
+    module, variables = teacher_lib.load_teacher(str(metadata["model"]), network_dir)
+    variables = multihost.replicated_to_host(variables)
+    content: dict = {}
+    if multihost.is_writer():
+        files.makedirs(out_dir)
+        files.remove(os.path.join(out_dir, DEPLOY_FILE), missing_ok=True)
+        _remove_deploy_files(out_dir)
+        shape = (options.batch_size, resolution, resolution, input_channels(variables))
+        description = deploy.write_deploy_files(deploy.inference_fn(module, variables), shape,
+                                                out_dir, options)
+        total = costs.network_costs(module.spec, resolution, module.num_classes).total
+        metadata_text = files.read_bytes(os.path.join(network_dir, teacher_lib.METADATA_FILE))
+        content = artifacts.sealed({
+            **description,
+            "network": {"name": metadata["model"], "block_strings": module.spec.to_strings(),
+                        "num_classes": int(module.num_classes), "resolution": resolution,
+                        **total.as_dict()},
+            "source": {"network_dir": network_dir,
+                       "teacher_json_sha256": hashlib.sha256(metadata_text).hexdigest()},
+            "preprocessing": dict(preprocessing or {}),
+        })
+        artifacts.write_json(os.path.join(out_dir, DEPLOY_FILE), content)
+    multihost.barrier("deploy files written")
+    return content
+
+
+def load_deployed(out_dir: str, redo: str | None = None) -> dict:
+    """deploy.json of `deploy_network`, verified: its seal and every file's SHA-256.
+
+    Raises:
+      deploy.DeployError: naming the file that fails and `redo` (how to make it again).
+    """
+    out_dir = files.absolute(out_dir)
+    redo = redo or deploy_redo_hint(out_dir)
+    path = os.path.join(out_dir, DEPLOY_FILE)
+    try:
+        content = artifacts.read_json(path)
+    except FileNotFoundError as error:
+        raise deploy.DeployError(f"{path} is missing (no complete deploy files in {out_dir}); "
+                                 f"{redo}") from error
+    except (ValueError, UnicodeDecodeError) as error:
+        raise deploy.DeployError(f"{path} is not readable JSON ({error}); {redo}") from error
+    problem = artifacts.seal_problem(content)
+    if problem:
+        raise deploy.DeployError(f"{path} is corrupt: {problem}; {redo}")
+    problems = deploy.verify_deploy_files(out_dir, content)
+    if problems:
+        raise deploy.DeployError(f"{'; '.join(problems)} (recorded in {DEPLOY_FILE}); {redo}")
+    return content
+
+
+def deploy_redo_hint(out_dir: str) -> str:
+    """How to make a deploy folder again: in a pipeline workdir (`<workdir>/deploy`), remove
+    its manifest so that the deploy stage alone runs again."""
+    manifest = os.path.join(files.absolute(out_dir), artifacts.MANIFEST)
+    if files.exists(manifest):
+        return (f"remove {manifest} (nothing else) and rerun the same command: the deploy "
+                "stage then runs again and rewrites the files; no other stage reruns")
+    return "write them again (dna-jax export --network ... --format ...)"
 
 
 class ExportError(ValueError):
@@ -433,11 +578,17 @@ def _parser():
     parser = ArgumentParser(
         prog="dna-jax export",
         description="Search the rating tables under budgets (or read an arch.json) and export "
-                    "the winner: arch.json, block strings, an Orbax checkpoint of the child.")
-    parser.add_argument("--space", required=True, help="search-space preset name")
+                    "the winner: arch.json, block strings, an Orbax checkpoint of the child, "
+                    "and with --format deployable files (TFLite, StableHLO); or write the "
+                    "deployable files of a trained network (--network).")
+    parser.add_argument("--space", help="search-space preset name (with --table-dir, --arch)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--table-dir", help="folder of <block>.npz rating tables")
     source.add_argument("--arch", help="an arch.json (or any JSON with 'blocks')")
+    source.add_argument("--network", help="a trained network (teacher checkpoint: "
+                        "teacher.json + variables/), e.g. a pipeline's <workdir>/retrain/network: "
+                        "writes its deployable files and deploy.json (default --out: 'deploy' "
+                        "beside it)")
     parser.add_argument("--budget", action="append", default=[],
                         help="NAME=HIGH or NAME=LOW:HIGH on whole-network costs, e.g. "
                              "macs=460M (repeat for two costs)")
@@ -446,11 +597,23 @@ def _parser():
     parser.add_argument("--out", help="export folder (default: 'export' beside the source)")
     parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--resolution", type=nonnegative_int, default=0,
-                        help="input side length in pixels (default 0: the space's)")
+                        help="input side length in pixels (default 0: the space's, or the "
+                             "network's recorded one)")
     parser.add_argument("--supernet", help="the supernet whose weights the child inherits: "
                         "a pipeline's <workdir>/distill/supernet (or its variables/ folder), "
                         "or a distillation checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", default=None,
+                        help="deployable files: tflite (model.tflite float32 and "
+                             "model_int8.tflite dynamic-range int8), stablehlo "
+                             "(model.stablehlo), all, or none (default; --network: all); "
+                             "comma-separated")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="the batch fixed in the deployable files (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="TFLite interpreter threads of the latency measurement (default 1)")
+    parser.add_argument("--timing-repeats", type=nonnegative_int, default=100,
+                        help="timed TFLite invocations, the median is reported (0: no timing)")
     return parser
 
 
@@ -474,7 +637,10 @@ def main(argv: Sequence[str]) -> dict:
     Bad input (unknown space, unreadable tables, unreachable budgets ...) exits with status 1
     and a one-line message naming what to fix.
     """
-    args = _parser().parse_args(list(argv))
+    parser = _parser()
+    args = parser.parse_args(list(argv))
+    if not args.network and not args.space:
+        parser.error("--space is required with --table-dir and --arch")
     try:
         return _run(args)
     except ValueError as error:
@@ -485,11 +651,20 @@ def main(argv: Sequence[str]) -> dict:
                          "choose a writable --out") from error
 
 
+def _deploy_options(args, default: str) -> deploy.DeployOptions:
+    formats = deploy.parse_formats(default if args.format is None else args.format)
+    return deploy.DeployOptions(formats=formats, batch_size=args.batch, threads=args.threads,
+                                timing_repeats=args.timing_repeats)
+
+
 def _run(args) -> dict:
     from dna_jax import search
 
+    if args.network:
+        return _run_network(args)
     space = get_space(args.space)
     resolution = args.resolution or space.resolution
+    options = _deploy_options(args, "none")
     if args.table_dir:
         budgets = search.parse_budget_strings(args.budget)
         choice = choose_from_tables(space, args.table_dir, budgets, resolution=resolution,
@@ -507,10 +682,33 @@ def _run(args) -> dict:
                                    "export")
     supernet = load_supernet_variables(args.supernet) if args.supernet else None
     summary = export_winner(space, choice, out, num_classes=args.num_classes,
-                            resolution=resolution, supernet_variables=supernet, seed=args.seed)
+                            resolution=resolution, supernet_variables=supernet, seed=args.seed,
+                            deploy_options=options)
     print(describe(summary, out))
     return {k: v for k, v in summary.items() if k not in ("layer_config", "files")} | \
         {"out_dir": out}
+
+
+def _run_network(args) -> dict:
+    """`--network`: the deployable files of a trained network and its deploy.json."""
+    ignored = [flag for flag, value in (("--space", args.space), ("--budget", args.budget),
+                                        ("--supernet", args.supernet)) if value]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: not used with --network (the network's "
+                         "architecture and weights are in its checkpoint); leave it out")
+    if not files.isdir(args.network):
+        raise ValueError(f"{args.network}: no such network folder (a teacher checkpoint: "
+                         "teacher.json + variables/, e.g. <workdir>/retrain/network)")
+    out = args.out or os.path.join(os.path.dirname(files.absolute(args.network.rstrip("/"))),
+                                   "deploy")
+    options = _deploy_options(args, "all")
+    if not options.formats:
+        raise ValueError("--network writes deployable files: give --format tflite, stablehlo "
+                         "or all")
+    content = deploy_network(args.network, out, options, resolution=args.resolution)
+    print(describe_deploy(content, out))
+    return {"out_dir": out, "network": content["network"], "files": content["files"],
+            "latency": content["latency"], "parity": content["parity"]}
 
 
 def describe(summary: Mapping[str, Any], out_dir: str) -> str:
@@ -527,4 +725,33 @@ def describe(summary: Mapping[str, Any], out_dir: str) -> str:
     if "search" in summary:
         lines.append(f"  search score {summary['search']['score']:.6g}; costs match the "
                      f"export: {summary['search_costs_match']}")
+    if summary.get("deploy"):
+        lines += deploy_lines(summary["deploy"])
     return "\n".join(lines)
+
+
+def describe_deploy(content: Mapping[str, Any], out_dir: str) -> str:
+    """A few human-readable lines about `deploy_network`'s output."""
+    network = content["network"]
+    return "\n".join([f"Deployable files of {network['name']} in {out_dir}",
+                      f"  params {network['params']:,}  macs {network['macs']:,}  "
+                      f"({network['resolution']} px, {network['num_classes']} classes)",
+                      *deploy_lines(content)])
+
+
+def deploy_lines(description: Mapping[str, Any]) -> list[str]:
+    """One line per deploy file: size, parity with the Flax model, TFLite latency."""
+    lines = [f"  deploy files (input {description['input']['shape']} float32 NHWC):"]
+    for record in description["files"]:
+        parity = description.get("parity", {}).get(record["file"])
+        latency = description.get("latency", {}).get(record["file"])
+        text = f"    {record['file']:<18} {record['bytes']:>11,} bytes"
+        if parity:
+            text += (f"  max |error| {parity['max_abs_error']:.2g} of logits up to "
+                     f"{parity['logit_scale']:.3g}, top-1 agreement "
+                     f"{parity['top1_agreement']:.3f}")
+        if latency:
+            text += (f"  {latency['median_ms']:.3f} ms ({latency['threads']} thread(s), "
+                     f"batch {latency['batch']})")
+        lines.append(text)
+    return lines

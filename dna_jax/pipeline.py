@@ -2,11 +2,11 @@
 
 A run's stages are those of its supervision kind (dna_jax.supervision; `config.supervision`):
 
-  DNA   (teacher)  teacher -> distill -> rate -> search -> retrain -> report
-  DNA++ (ssl)      ssl -> rate -> search -> retrain -> report
+  DNA   (teacher)  teacher -> distill -> rate -> search -> retrain -> deploy -> report
+  DNA++ (ssl)      ssl -> rate -> search -> retrain -> deploy -> report
 
-The kind runs its own stages and `rate` (dna_jax.supervisions.*); search and retrain are
-common (dna_jax.stages), and so is the report (dna_jax.report). Each stage reads its
+The kind runs its own stages and `rate` (dna_jax.supervisions.*); search, retrain and
+deploy are common (dna_jax.stages), and so is the report (dna_jax.report). Each stage reads its
 predecessors' artifacts and writes its own under `workdir/<stage>/`.
 
 A stage ends by writing `manifest.json` (its config hash, figures, versions, time), last and
@@ -119,6 +119,14 @@ def get_default_config() -> ml_collections.ConfigDict:
         The retrained winner is also saved as a teacher checkpoint in retrain/network.
         `width_multiplier` / `depth_multiplier` scale the winner before it is retrained
         (DNA+ rounds; 1.0 otherwise).
+      deploy: the retrained winner's deployable files, in deploy/ (dna_jax.deploy):
+        `formats` ('all' = 'tflite,stablehlo', 'tflite', 'stablehlo' or 'none'; tflite
+        writes model.tflite, float32, and model_int8.tflite, dynamic-range int8, and needs
+        TensorFlow: a run without it that asks for tflite is refused before any work),
+        `batch_size` (fixed in the files), `threads` and `timing_repeats` (the TFLite latency
+        measurement: median of that many invocations on this machine's CPU; 0 = no timing),
+        `parity_images` (standard-normal inputs each file is compared with the Flax model
+        on; 0 = no check). Its own stage: changing it reruns only deploy and the report.
       supervision: the supervision kind (dna_jax.supervision): 'teacher' (DNA: the `teacher`
         and `distill` sections, dna_jax.supervisions.dna) or 'ssl' (DNA++: the `ssl`
         section, dna_jax.supervisions.dna_pp). Every kind adds its sections to this config.
@@ -147,6 +155,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.retrain = retrain_lib.get_default_config()
     config.retrain.inherit_weights = False
     config.retrain.update(ROUND_DEFAULTS["retrain"])
+    config.deploy = dict(formats="all", batch_size=1, threads=1, timing_repeats=100,
+                         parity_images=16)
     for kind in supervision.all_kinds():
         kind.add_config(config)
     return config
@@ -186,7 +196,8 @@ def parse_stages(text: str | Sequence[str],
 
 
 # What the common stages' hashes cover; a kind's own stages and `rate` are in its `sections`.
-_COMMON_SECTIONS = {"search": ("search",), "retrain": ("retrain",), "report": ()}
+_COMMON_SECTIONS = {"search": ("search",), "retrain": ("retrain",), "deploy": ("deploy",),
+                    "report": ()}
 
 
 def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -222,7 +233,7 @@ def stage_digests(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "search": stages_lib.run_search, "retrain": stages_lib.run_retrain,
-    "report": report_lib.run_report,
+    "deploy": stages_lib.run_deploy, "report": report_lib.run_report,
 }
 
 

@@ -35,7 +35,8 @@ def fmt(value: Any, spec: str = "") -> str:
 def run_report(ctx: Context) -> dict[str, Any]:
     """summary.json and report.md: every stage's headline figures in one place."""
     stage_dir = ctx.stage_dir("report")
-    search, retrain, rate = (ctx.figures(s) for s in ("search", "retrain", "rate"))
+    search, retrain, rate, deployed = (ctx.figures(s)
+                                       for s in ("search", "retrain", "rate", "deploy"))
     walls = {s: artifacts.read_manifest(ctx.stage_dir(s)).get("wall_seconds")
              for s in ctx.kind.stages if s != "report"}
     blocks = rate.get("blocks", {})
@@ -53,6 +54,7 @@ def run_report(ctx: Context) -> dict[str, Any]:
         "fit_mse_var": {k: v.get("fit_mse_var") for k, v in blocks.items()},
         "stage_wall_seconds": walls,
         "wall_seconds": float(sum(v for v in walls.values() if v)),
+        **deploy_figures(deployed),
         **ctx.kind.report_figures(ctx),
     }
     if stage_context.is_main_process():
@@ -64,6 +66,42 @@ def run_report(ctx: Context) -> dict[str, Any]:
         artifacts.write_json(os.path.join(ctx.workdir, SUMMARY_FILE), summary)
         artifacts.write_text(os.path.join(ctx.workdir, REPORT_FILE), render_report(summary, ctx))
     return summary
+
+
+# summary.json's key prefix of each deploy file's size and latency: winner_tflite_ms, ...
+DEPLOY_KEYS = {"model.tflite": "tflite", "model_int8.tflite": "tflite_int8",
+               "model.stablehlo": "stablehlo"}
+
+
+def deploy_figures(deployed: Mapping[str, Any]) -> dict[str, Any]:
+    """The winner's deploy files in summary.json: winner_<kind>_bytes and, for TFLite,
+    winner_<kind>_ms (median latency) with deploy_threads / deploy_batch / deploy_cpu."""
+    out: dict[str, Any] = {}
+    latency = deployed.get("latency") or {}
+    for record in deployed.get("files") or []:
+        key = DEPLOY_KEYS.get(record["file"], record["file"])
+        out[f"winner_{key}_bytes"] = record["bytes"]
+        if record["file"] in latency:
+            out[f"winner_{key}_ms"] = latency[record["file"]]["median_ms"]
+            out["deploy_threads"] = latency[record["file"]]["threads"]
+            out["deploy_batch"] = latency[record["file"]]["batch"]
+    if out:
+        out["deploy_cpu"] = (deployed.get("machine") or {}).get("cpu")
+    return out
+
+
+def _deploy_rows(summary: Mapping[str, Any]) -> list[str]:
+    """Rows of the teacher/winner table for the winner's deploy files (none without)."""
+    rows = []
+    batch, threads = summary.get("deploy_batch"), summary.get("deploy_threads")
+    for key, label in (("tflite", "TFLite float32"), ("tflite_int8", "TFLite int8 (dynamic)"),
+                       ("stablehlo", "StableHLO")):
+        if summary.get(f"winner_{key}_ms") is not None:
+            rows.append(f"| {label} latency (ms, {threads} thread(s), batch {batch}) | n/a | "
+                        f"{summary[f'winner_{key}_ms']:.3f} |")
+        if summary.get(f"winner_{key}_bytes") is not None:
+            rows.append(f"| {label} file (bytes) | n/a | {summary[f'winner_{key}_bytes']:,} |")
+    return rows
 
 
 def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
@@ -80,7 +118,10 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
         f"| params | {fmt(summary['teacher_params'], ',')} | "
         f"{fmt(summary['winner_params'], ',')} |",
         f"| dna_flops | {fmt(summary['teacher_dna_flops'], ',')} | "
-        f"{fmt(summary['winner_dna_flops'], ',')} |", "",
+        f"{fmt(summary['winner_dna_flops'], ',')} |", *_deploy_rows(summary), "",
+        *([f"Deploy files in `deploy/` (deploy.json: SHA-256, input shape, parity); latency "
+           f"measured on {summary['deploy_cpu']}, the median of the TFLite interpreter's "
+           "invocations.", ""] if summary.get("deploy_cpu") else []),
         "## Chosen architecture", "",
         f"Encoding {summary['winner_encoding']}, score {fmt(summary['winner_score'], '.4f')}.",
         "", "```", *[" | ".join(stage) for stage in summary["winner_block_strings"] or []], "```",

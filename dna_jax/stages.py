@@ -1,9 +1,12 @@
-"""The stages every supervision kind ends with: search and retrain (rate is the kind's own
-runner, the report is dna_jax.report).
+"""The stages every supervision kind ends with: search, retrain and deploy (rate is the
+kind's own runner, the report is dna_jax.report).
 
   search/   the Pareto front, the chosen architecture(s) and the exported child network
   retrain/  the retrained winner (checkpoints, TensorBoard, figures.json) and `network/`, the
             winner as a teacher checkpoint (the next DNA+ round's teacher)
+  deploy/   the retrained winner's deployable files (`config.deploy.formats`: model.tflite,
+            model_int8.tflite, model.stablehlo) and deploy.json (sealed: each file's SHA-256,
+            size and input shape, parity with the Flax model, TFLite latency)
 
 What differs between kinds is asked of `ctx.kind`: the number of classes, the costs a
 `search.budget_fraction` is taken of, the supernet weights a winner can inherit.
@@ -18,6 +21,8 @@ from typing import Any, Sequence
 
 
 from dna_jax import artifacts
+from dna_jax import data as data_lib
+from dna_jax import deploy as deploy_lib
 from dna_jax import files
 from dna_jax import latency as latency_lib
 from dna_jax import metrics as metrics_lib
@@ -220,3 +225,31 @@ def save_retrained_network(ctx: Context, module, variables, image_size: int) -> 
             preprocessing={"resolution": image_size}, overwrite=True, spec=spec,
             layer_config=module.layer_config)
     multihost.barrier("retrained network saved")
+
+
+# ---- stage: deploy -----------------------------------------------------------------------------
+
+DEPLOY_FIGURES = ("input", "files", "parity", "latency", "machine")
+
+
+def deploy_options(cfg) -> deploy_lib.DeployOptions:
+    """`config.deploy` as dna_jax.deploy's options."""
+    return deploy_lib.DeployOptions(
+        formats=deploy_lib.parse_formats(cfg.formats), batch_size=int(cfg.batch_size),
+        threads=int(cfg.threads), timing_repeats=int(cfg.timing_repeats),
+        parity_images=int(cfg.parity_images))
+
+
+def run_deploy(ctx: Context) -> dict[str, Any]:
+    """The retrained winner's deployable files (TFLite, StableHLO), checked and timed."""
+    from dna_jax import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    network_dir = os.path.join(ctx.stage_dir("retrain"), RETRAINED_NETWORK)
+    data = ctx.config.retrain.data
+    preprocessing = {"source": data.source, "name": data.name,
+                     **data_lib.input_normalisation(data, int(data.channels) or 3),
+                     "pixels": "0..255 before normalising; grayscale tiled to the channels"}
+    content = export_lib.deploy_network(
+        network_dir, ctx.stage_dir("deploy"), deploy_options(ctx.config.deploy),
+        preprocessing=preprocessing, redo="--config.deploy.formats=stablehlo")
+    return {key: content.get(key) for key in DEPLOY_FIGURES}

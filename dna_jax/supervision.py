@@ -8,10 +8,10 @@ resume and the order of stages, and names no kind. A kind says what differs:
   ssl      DNA++: the `ssl` stage trains the blocks by self-supervision, no teacher;
            candidates rated by their SSL loss (dna_jax.supervisions.dna_pp).
 
-Both end with the common stages rate -> search -> retrain -> report (dna_jax.stages,
-dna_jax.report): `rate` is run by the kind (its runner writes DNA's rating tables), the others
-ask the kind through `Context.kind` for the space, the classes, the supernet and the cost a
-`search.budget_fraction` is taken of.
+Both end with the common stages rate -> search -> retrain -> deploy -> report
+(dna_jax.stages, dna_jax.report): `rate` is run by the kind (its runner writes DNA's rating
+tables), the others ask the kind through `Context.kind` for the space, the classes, the
+supernet and the cost a `search.budget_fraction` is taken of.
 
 To add a kind: write one module that builds a `Supervision` and calls `register`, and add a
 line to `BUILTIN` (its config name -> module), so that `get` can import it by name.
@@ -29,7 +29,7 @@ BUILTIN = {"teacher": "dna_jax.supervisions.dna", "ssl": "dna_jax.supervisions.d
 DEFAULT = "teacher"  # a config without `supervision` runs DNA
 
 # The stages every kind ends with, in order; a kind's own stages come before them.
-COMMON_STAGES = ("rate", "search", "retrain", "report")
+COMMON_STAGES = ("rate", "search", "retrain", "deploy", "report")
 
 Runner = Callable[[Any], dict[str, Any]]  # (Context) -> the stage's figures
 

@@ -13,7 +13,8 @@
     with `search.cost='tflite_ms'`, the latency table is read and checked against the
     space (runtime, layers, resolution, classes, every entry present) and an absolute
     budget in ms is required;
-  - the sections' own checks (dna_jax.distill / rate / ssl check_config).
+  - the sections' own checks (dna_jax.distill / rate / ssl check_config);
+  - the deploy formats, and TensorFlow being installed when TFLite files are asked for.
 
 Only the sections of the stages that will run are checked (a `stages=search` run is not
 refused for a retraining typo). Nothing here touches the workdir.
@@ -29,6 +30,7 @@ import jax
 import ml_collections
 
 from dna_jax import costs as costs_lib
+from dna_jax import deploy as deploy_lib
 from dna_jax import files
 from dna_jax import latency as latency_lib
 from dna_jax import rate as rate_lib
@@ -353,9 +355,27 @@ def validate_pipeline_config(config: ml_collections.ConfigDict, stages: Sequence
     if "retrain" in stages:
         check_trainer(problems, config.retrain, "retrain", devices, space_stride,
                       f"the searched network ({space_label})")
+    if "deploy" in stages:
+        check_deploy(problems, config.deploy)
     if problems.lines:
         raise ConfigError(problems.lines)
 
 
-__all__ = ["ConfigError", "Problems", "check_trainer", "check_data", "validate_pipeline_config",
-           "required_fields", "space_cost_range", "total_stride", "device_count"]
+def check_deploy(problems: Problems, cfg: Any) -> None:
+    """The deploy section: known formats, TensorFlow for TFLite, counts."""
+    try:
+        formats = deploy_lib.parse_formats(cfg.formats)
+    except deploy_lib.DeployError as error:
+        problems.add("deploy.formats", cfg.formats, str(error))
+        formats = ()
+    problem = deploy_lib.tensorflow_problem(formats, "--config.deploy.formats=stablehlo")
+    if problem:
+        problems.add("deploy.formats", cfg.formats, problem)
+    for field, low in (("batch_size", 1), ("threads", 1), ("timing_repeats", 0),
+                       ("parity_images", 0)):
+        problems.need(cfg[field] >= low, f"deploy.{field}", cfg[field], f"must be >= {low}")
+
+
+__all__ = ["ConfigError", "Problems", "check_deploy", "check_trainer", "check_data",
+           "validate_pipeline_config", "required_fields", "space_cost_range", "total_stride",
+           "device_count"]

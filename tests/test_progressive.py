@@ -177,7 +177,8 @@ def test_killed_in_round2_resumes_in_round2(finished, tmp_path, monkeypatch):
     one, two = resumed["rounds"]
     assert one["stages"] == {s: "skipped" for s in supervision.get("teacher").stages}
     assert two["stages"] == {"teacher": "skipped", "distill": "skipped", "rate": "skipped",
-                             "search": "skipped", "retrain": "ran", "report": "ran"}
+                             "search": "skipped", "retrain": "ran", "deploy": "ran",
+                             "report": "ran"}
     # The same figures as the uninterrupted run.
     for key in ("teacher_accuracy", "winner_macs", "winner_params", "searched_macs"):
         assert two[key] == figures["rounds"][1][key], key

@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNA = os.path.join(REPO, "configs", "fashion_mnist_dna.py")
 DNA_PP = os.path.join(REPO, "configs", "fashion_mnist_dna_pp.py")
 WORKER = os.path.join(REPO, "tests", "reliability_worker.py")
-STAGES = ("teacher", "distill", "rate", "search", "retrain", "report")
+STAGES = ("teacher", "distill", "rate", "search", "retrain", "deploy", "report")
 NAN = float("nan")
 
 pytestmark = pytest.mark.skipif(
@@ -259,7 +259,7 @@ def test_corrupt_artifact_is_named_and_its_fix_works(done, tmp_path, target, rea
 
 
 @pytest.mark.parametrize("stage", ["teacher", "distill", "rate", "search", "retrain",
-                                   "report"])
+                                   "deploy", "report"])
 def test_corrupt_manifest_reruns_only_its_stage(done, tmp_path, stage, caplog):
     workdir = copy_run(done, tmp_path)
     path = os.path.join(workdir, stage, artifacts.MANIFEST)

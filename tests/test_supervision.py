@@ -17,7 +17,7 @@ def test_registry_names_every_kind_and_refuses_unknown_or_broken_ones():
     assert supervision.names() == ("teacher", "ssl")
     assert [k.label for k in supervision.all_kinds()] == ["DNA", "DNA++"]
     assert supervision.stage_order() == ("teacher", "distill", "ssl", "rate", "search",
-                                         "retrain", "report")
+                                         "retrain", "deploy", "report")
     with pytest.raises(ValueError, match=r"config.supervision must be one of \('teacher', "
                                          r"'ssl'\), got 'byol'"):
         supervision.get("byol")
@@ -33,7 +33,7 @@ def test_registry_names_every_kind_and_refuses_unknown_or_broken_ones():
 def test_every_kind_has_its_sections_in_the_default_config_and_its_own_stages():
     config = pipeline.get_default_config()
     for kind in supervision.all_kinds():
-        assert kind.stages[-4:] == supervision.COMMON_STAGES
+        assert kind.stages[-len(supervision.COMMON_STAGES):] == supervision.COMMON_STAGES
         assert set(kind.upstream) == set(kind.stages)
         assert set(kind.sections) == {*kind.own_stages, "rate"}
         for sections in kind.sections.values():
@@ -63,6 +63,10 @@ def test_every_kind_runs_its_tiny_pipeline_and_resumes(name, tmp_path):
     summary = json.load(open(os.path.join(tmp_path, pipeline.SUMMARY_FILE)))
     assert summary["winner_macs"] > 0 and 0.0 <= summary["winner_accuracy"] <= 1.0
     assert set(summary["stage_wall_seconds"]) == set(kind.stages) - {"report"}
+    # The retrained winner's deploy files (the tiny configs: StableHLO only), in the report.
+    deployed = json.load(open(os.path.join(tmp_path, "deploy", "deploy.json")))
+    assert [r["file"] for r in deployed["files"]] == ["model.stablehlo"]
+    assert summary["winner_stablehlo_bytes"] == deployed["files"][0]["bytes"]
     budget = summary["budget"][config.search.cost]
     assert summary["winner_macs"] <= budget
     report = open(os.path.join(tmp_path, pipeline.REPORT_FILE)).read()

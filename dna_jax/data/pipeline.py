@@ -131,6 +131,20 @@ def _background(iterator: Iterator[Any], size: int) -> Iterator[Any]:
         stop.set()
 
 
+SYNTHETIC_STATISTICS = (127.5, 64.0)  # (mean, std) of the synthetic source's images
+
+
+def input_normalisation(cfg: Any, channels: int) -> dict[str, Any]:
+    """How the pipeline normalises a source's images: {'mean', 'std'} per channel on the
+    0..255 scale (the config's, else the source's), for deployers of a trained network."""
+    defaults = {"fashion_mnist": (fashion_mnist.MEAN, fashion_mnist.STD),
+                "synthetic": SYNTHETIC_STATISTICS,
+                "tfds": (tfds_source.IMAGENET_MEAN, tfds_source.IMAGENET_STD)}
+    mean, std = _normalisation(cfg, channels, *defaults[cfg.source])
+    clean = lambda values: [float(f"{v:.7g}") for v in values]  # noqa: E731 (float32 digits)
+    return {"mean": clean(mean), "std": clean(std)}
+
+
 def _normalisation(cfg: Any, channels: int, source_mean: float | tuple,
                    source_std: float | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std): the config's, else the source's (RGB ones averaged for gray)."""
@@ -267,7 +281,7 @@ def make_dataset(cfg: ml_collections.ConfigDict, split: str, *, training: bool |
         images, labels = in_memory.synthetic_arrays(
             cfg.num_examples, size, cfg.channels or 3, cfg.num_classes, 0, name)
         return _in_memory_dataset(cfg, split, training, seed, images[start:end],
-                                  labels[start:end], cfg.num_classes, 127.5, 64.0,
+                                  labels[start:end], cfg.num_classes, *SYNTHETIC_STATISTICS,
                                   batch_sizes, **parts)
     raise ValueError(f"Unknown data.source {cfg.source!r}; choose one of {SOURCES}.")
 

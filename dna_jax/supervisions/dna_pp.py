@@ -138,7 +138,7 @@ KIND = supervision.register(supervision.Supervision(
     data_stages=("ssl",),
     own_stages=("ssl",),
     upstream={"ssl": (), "rate": ("ssl",), "search": ("rate",), "retrain": ("search",),
-              "report": ("ssl", "rate", "search", "retrain")},
+              "deploy": ("retrain",), "report": ("ssl", "rate", "search", "retrain", "deploy")},
     sections={"ssl": ("data", "ssl", "seed"), "rate": ("data", "rate")},
     runners={"ssl": run_ssl, "rate": run_rate},
     space_name=lambda config: config.ssl.space,
