@@ -173,7 +173,7 @@ def test_the_parity_check_fails_for_other_weights(deployed):
     """The float32 tolerance is tight enough to catch a file of other weights (BatchNorm
     statistics of the initialisation, as a converter that dropped them would give)."""
     fresh = {"params": deployed.variables["params"],
-             "batch_stats": jax.tree.map(jnp.ones_like, deployed.variables["batch_stats"])}
+             "batch_stats": export.init_child(deployed.module, deployed.size, 0)["batch_stats"]}
     data = deploy.stablehlo_bytes(deploy.inference_fn(deployed.module, fresh),
                                   (1, deployed.size, deployed.size, 3))
     figures = deploy.parity_figures(deployed.reference,
