@@ -6,7 +6,9 @@ r"""DNA on real Fashion-MNIST, on CPU: the embedded default and the README's mai
 (configs/fashion_mnist_teacher.py's recipe), distill the `small` MBConv space's four supernet
 blocks from it in one step per batch, rate every candidate of every block (36 + 36 + 36 + 6),
 search the exact best network under half the teacher's multiply-adds, retrain it from scratch
-with the teacher's recipe, and write report.md / summary.json in the workdir.
+with the teacher's recipe, write the retrained winner's deployable files (deploy/: TFLite
+float32 and dynamic-range int8, StableHLO; checked against the Flax model, the TFLite ones timed
+at 1 thread, batch 1) and write report.md / summary.json in the workdir.
 Targets: <= 15 minutes in all on 2 CPU cores, the winner within one point of the teacher
 at <= 50% of its multiply-adds. Measured here (2 cores, idle, cold compilation cache):
 783 s of pipeline (13 min 10 s for `make demo` with an installed venv): teacher 293 s (test
@@ -19,8 +21,15 @@ supernet's switch branches are rematerialised the distill stage takes 154 s; tha
 output line is one JSON object with teacher_accuracy, winner_accuracy, teacher_macs,
 winner_macs and wall_seconds.
 
+The deploy stage was added after the timings above: on a demo-sized network it takes
+about 10-20 s on this machine (TFLite conversion, parity, timing; `benchmarks/deploy_parity.py`),
+and it leaves the earlier stages' hashes unchanged, so a finished demo workdir reruns only
+deploy and the report.
+
 `configs/fashion_mnist_dna.py:tiny` runs every stage for a few steps at 16 px on the `tiny`
-space and teacher (2 + 4 candidates; the tests: 2-5 minutes on 2 cores).
+space and teacher (2 + 4 candidates; the tests: 2-5 minutes on 2 cores); its deploy stage
+writes StableHLO only (TFLite conversion takes seconds per file; tests/test_deploy.py covers
+it).
 """
 
 

@@ -2,7 +2,7 @@ r"""DNA++ (self-supervised blocks, no teacher) on real Fashion-MNIST, on CPU.
 
     python -m dna_jax.main --config configs/fashion_mnist_dna_pp.py --workdir workdir/fashion_mnist_dna_pp
 
-Stages ssl -> rate -> search -> retrain -> report, with no teacher: train the `small` MBConv
+Stages ssl -> rate -> search -> retrain -> deploy -> report, with no teacher: train the `small` MBConv
 space's four supernet blocks one after another by self-supervision (BossNAS's sequential
 schedule: an online supernet predicts the ensemble of an EMA target supernet's projections
 over P = 2 sampled paths, each path with its own two BYOL views; collapse guards on), each
@@ -14,7 +14,8 @@ teacher's recipe shortened to two epochs (BatchNorm momentum 0.9); write report.
 Writes `ssl/` (supernet/, ssl_variables/, checkpoints, TensorBoard: per block loss,
 byol_loss, variance, covariance, output_std, lr, momentum; ratings/ of the blocks as chosen
 during training), `rate/<block>.npz|json` (DNA's table format, score = SSL loss),
-`search/`, `retrain/`, `report/`. The last output line is one JSON object with
+`search/`, `retrain/`, `deploy/` (the winner as TFLite and StableHLO files, as in
+configs/fashion_mnist_dna.py), `report/`. The last output line is one JSON object with
 winner_accuracy, winner_macs, winner_params, the ssl_loss_final / ssl_output_std_final per
 block and wall_seconds. Target: <= 20 minutes on 2 CPU cores. Measured here (2 idle cores,
 rematerialised supernet branches): 432 s of stages (ssl 260, rate 76, search 5, retrain 90;
@@ -29,7 +30,7 @@ batches), small heads (256 hidden, 64 out). Fashion-MNIST is grayscale tiled to 
 channels, so colour jitter reduces to brightness and contrast, and grayscale is a no-op.
 
 `configs/fashion_mnist_dna_pp.py:tiny` runs every stage for a few steps at 16 px on the
-`tiny` space (2 + 4 candidates; the tests).
+`tiny` space (2 + 4 candidates; the tests), its deploy stage StableHLO only.
 """
 
 

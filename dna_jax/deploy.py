@@ -97,14 +97,26 @@ def tflite_bytes(fn: Callable, shape: Sequence[int], quantize: str | None = None
                                            native_serialization_platforms=("cpu",)),
                             input_signature=[tf.TensorSpec(tuple(shape), tf.float32)],
                             autograph=False)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [converted.get_concrete_function()], converted)
-    # jax2tf emits XlaCallModule (StableHLO); the converter legalises it to TFLite builtins.
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    with _quiet():
+    with _quiet(), _without_locations():  # the same bytes from any caller
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [converted.get_concrete_function()], converted)
+        # jax2tf emits XlaCallModule (StableHLO); the converter legalises it to TFLite builtins.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
         return bytes(converter.convert())
+
+
+@contextlib.contextmanager
+def _without_locations():
+    """No Python source locations in the lowered module: they name the caller's frames, so
+    the same network would give other bytes from another call site (a rerun, a test)."""
+    before = jax.config.jax_traceback_in_locations_limit
+    jax.config.update("jax_traceback_in_locations_limit", 0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_traceback_in_locations_limit", before)
 
 
 @contextlib.contextmanager
@@ -169,7 +181,8 @@ class TfliteRunner:
 
 
 def stablehlo_bytes(fn: Callable, shape: Sequence[int]) -> bytes:
-    """`jax.export` serialization of `fn` for one float32 input of `shape` (CPU, CUDA, TPU).
+    """`jax.export` serialization of `fn` for one float32 input of `shape` (CPU, CUDA, TPU),
+    without source locations: the same network gives the same bytes from any caller.
 
     Calling convention: one positional argument, a float32 array of exactly `shape` (NHWC);
     one result, the function's output (logits); no keyword arguments, no effects. Read it
@@ -177,8 +190,9 @@ def stablehlo_bytes(fn: Callable, shape: Sequence[int]) -> bytes:
     """
     from jax import export as jax_export  # pylint: disable=import-outside-toplevel
 
-    exported = jax_export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(
-        jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+    with _without_locations():
+        exported = jax_export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(
+            jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
     return bytes(exported.serialize())
 
 

@@ -1,7 +1,7 @@
 """DNA+: progressive rounds, where each round's searched and retrained network teaches the next.
 
 Round r = 1..R runs the whole DNA pipeline (dna_jax.pipeline: teacher -> distill -> rate ->
-search -> retrain -> report) in `workdir/round_<r>/`, with a per-round config derived from the
+search -> retrain -> deploy -> report) in `workdir/round_<r>/`, with a per-round config derived from the
 experiment's:
 
   round 1   the configured teacher (trained here or loaded), exactly as a DNA run;

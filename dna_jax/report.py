@@ -85,7 +85,7 @@ def deploy_figures(deployed: Mapping[str, Any]) -> dict[str, Any]:
             out[f"winner_{key}_ms"] = latency[record["file"]]["median_ms"]
             out["deploy_threads"] = latency[record["file"]]["threads"]
             out["deploy_batch"] = latency[record["file"]]["batch"]
-    if out:
+    if latency:
         out["deploy_cpu"] = (deployed.get("machine") or {}).get("cpu")
     return out
 
@@ -104,6 +104,17 @@ def _deploy_rows(summary: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def _deploy_note(summary: Mapping[str, Any]) -> list[str]:
+    if not any(k.startswith("winner_") and k.endswith("_bytes") and summary[k] is not None
+               for k in summary):
+        return []
+    note = "The winner's deploy files are in `deploy/` (deploy.json: SHA-256, input shape, parity)."
+    if summary.get("deploy_cpu"):
+        note += (f" Latency: the median of the TFLite interpreter's invocations on "
+                 f"{summary['deploy_cpu']}.")
+    return [note, ""]
+
+
 def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
     """The human-readable report (markdown)."""
     lines = [
@@ -119,9 +130,7 @@ def render_report(summary: Mapping[str, Any], ctx: Context) -> str:
         f"{fmt(summary['winner_params'], ',')} |",
         f"| dna_flops | {fmt(summary['teacher_dna_flops'], ',')} | "
         f"{fmt(summary['winner_dna_flops'], ',')} |", *_deploy_rows(summary), "",
-        *([f"Deploy files in `deploy/` (deploy.json: SHA-256, input shape, parity); latency "
-           f"measured on {summary['deploy_cpu']}, the median of the TFLite interpreter's "
-           "invocations.", ""] if summary.get("deploy_cpu") else []),
+        *_deploy_note(summary),
         "## Chosen architecture", "",
         f"Encoding {summary['winner_encoding']}, score {fmt(summary['winner_score'], '.4f')}.",
         "", "```", *[" | ".join(stage) for stage in summary["winner_block_strings"] or []], "```",
