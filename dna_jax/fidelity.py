@@ -225,12 +225,15 @@ def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, to
 def render_table(result: Mapping[str, Any]) -> str:
     """A markdown table: one row per method, the headline statistics with 95% bootstrap
     intervals, and the within-bin permutation p-values (one-sided: the rating adds nothing
-    beyond cost) of tau within bins and of partial Spearman."""
-    def cell(stats: Mapping[str, float], name: str) -> str:
+    beyond cost) of tau within bins and of partial Spearman. Regret is in accuracy points
+    (x100: the accuracies differ in the third decimal). A first line gives the sample size
+    and the seed-noise ceiling the correlations are bounded by."""
+    def cell(stats: Mapping[str, float], name: str, scale: float = 1.0) -> str:
         value = stats.get(name)
         if value is None or not np.isfinite(value):
             return "n/a"
-        return (f"{value:+.2f} [{stats[f'{name}_low']:+.2f}, {stats[f'{name}_high']:+.2f}]")
+        low, high = stats[f"{name}_low"] * scale, stats[f"{name}_high"] * scale
+        return f"{value * scale:+.2f} [{low:+.2f}, {high:+.2f}]"
 
     budgets = [k for k in next(iter(result["methods"].values())) if k.startswith("regret@")
                and not k.endswith(("_low", "_high"))]
@@ -238,15 +241,32 @@ def render_table(result: Mapping[str, Any]) -> str:
         value = stats.get(f"{name}_p")
         return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
+    def budget_name(key: str) -> str:
+        value = float(key.removeprefix("regret@"))
+        shown = f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:.4g}"
+        return f"regret (points) at {result['cost']} <= {shown}"
+
+    noise = result.get("noise") or {}
+    lines = [f"{result['num_archs']} architectures in {result.get('num_bins', '?')} cost bins"]
+    if noise.get("simulated_kendall") is not None:
+        lines[0] += (f"; seed SD {100 * noise['seed_sd']:.2f} points, spread "
+                     f"{100 * noise['spread']:.2f}; noise ceiling (the Kendall tau a predictor "
+                     f"of each net's expected accuracy would score against this file) "
+                     f"{noise['simulated_kendall']:+.2f} [{noise['simulated_kendall_low']:+.2f}, "
+                     f"{noise['simulated_kendall_high']:+.2f}]")
+    if noise.get("two_seed_kendall") is not None:
+        lines[0] += (f"; seed 0 vs seed 1 over {noise['two_seed_archs']} architectures: tau "
+                     f"{noise['two_seed_kendall']:+.2f}")
+    lines += [""]
     header = ["method", "Kendall tau", "Spearman rho", "tau within cost bins", "p",
               f"partial Spearman given {result['cost']}", "p", f"top-{result['top_k']} overlap",
-              *[f"regret {b.removeprefix('regret@')}" for b in budgets]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+              *[budget_name(b) for b in budgets]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, stats in result["methods"].items():
         cells = [cell(stats, "kendall"), cell(stats, "spearman"),
                  cell(stats, "within_bin_kendall"), p_value(stats, "within_bin_kendall"),
                  cell(stats, "partial_spearman"), p_value(stats, "partial_spearman"),
-                 *(cell(stats, n) for n in ("top_k", *budgets))]
+                 cell(stats, "top_k"), *(cell(stats, b, 100.0) for b in budgets)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -260,7 +280,10 @@ def plot(truth: GroundTruth, predictions: Mapping[str, np.ndarray], methods: Seq
 
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False)
     for ax, name in zip(axes[0], methods):
-        ax.scatter(predictions[name], truth.accuracy, c=truth.bins, cmap="viridis", s=18)
+        values = np.asarray(predictions[name], np.float64)
+        ax.scatter(values, truth.accuracy, c=truth.bins, cmap="viridis", s=18)
+        if np.all(values > 0) and values.max() > 1e3 * values.min():  # e.g. SynFlow
+            ax.set_xscale("log")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("rating (higher = predicted better)", fontsize=8)
     axes[0][0].set_ylabel("stand-alone test accuracy")

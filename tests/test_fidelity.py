@@ -337,6 +337,16 @@ def test_dna_predictions_aggregations_and_comparison(tmp_path):
     assert -1 <= result["noise"]["simulated_kendall"] <= 1
     table = fidelity.render_table(result)
     assert "dna[cl_loss,sum]" in table and "partial Spearman" in table
+    assert table.startswith("8 architectures in ") and "noise ceiling" in table
+    # Regret in accuracy points: the rendered cell is 100x the statistic.
+    first_budget = next(k for k in result["methods"]["macs"] if k.startswith("regret@")
+                        and not k.endswith(("_low", "_high")))
+    row = next(line for line in table.splitlines() if line.startswith("| macs |"))
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    column = header.split(" | ").index(next(c for c in header.split(" | ")
+                                            if c.startswith("regret (points)")))
+    shown = float(row.split(" | ")[column].split(" [")[0])
+    assert shown == pytest.approx(100 * result["methods"]["macs"][first_budget], abs=0.006)
     fidelity.plot(truth, predictions, ["macs", "dna[cl_loss,sum]"], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 
