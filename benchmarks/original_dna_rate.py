@@ -26,8 +26,10 @@ Run-time fixes (nothing is edited on disk):
     at import time but the rating never uses it);
   * its stdout (one line per BatchNorm, the potentials dict) goes to /dev/null.
 
-`--num-candidates n` rates the first n candidates in the original's order
-(`itertools.product`) and extrapolates linearly to all 1,296 (labelled in the output). One
+`--num-candidates n` rates n candidates and extrapolates linearly to all 1,296 (labelled in
+the output): the first n in the original's order (`itertools.product`; its first 36 all start
+with two MB6 3x3 layers, so they cost more than the average candidate) or, with
+`--sample random`, n drawn without replacement (seed `--sample-seed`), unbiased on average. One
 candidate is rated untimed first (`--warmup 1`) so first-call set-up does not weigh on a short
 sample. The last output line is one JSON object.
 """
@@ -55,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a checkout of github.com/changlin31/DNA (its root or searching/)")
     parser.add_argument("--num-candidates", type=int, default=0,
                         help="rate the first n candidates and extrapolate (0 = all 1,296)")
+    parser.add_argument("--sample", choices=("first", "random"), default="first",
+                        help="which n candidates --num-candidates rates")
+    parser.add_argument("--sample-seed", type=int, default=0,
+                        help="seed of --sample random")
     parser.add_argument("--batch", type=int, default=32, help="examples per rating batch")
     parser.add_argument("--rating-batches", type=int, default=1, help="rating batches")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -170,7 +176,12 @@ def rate_original(args: argparse.Namespace) -> dict:
         if supernet.get_layers(BLOCK) != NUM_LAYERS or len(student_supernet.PRIMITIVES) != NUM_OPS:
             raise SystemExit("this checkout's supernet is not the released one (4 layers x 6 "
                              "ops in block 1)")
-        pool = pool[:args.num_candidates or total]
+        if args.sample == "random" and args.num_candidates:
+            chosen = np.random.default_rng(args.sample_seed).choice(
+                total, args.num_candidates, replace=False)
+            pool = [pool[i] for i in sorted(chosen)]
+        else:
+            pool = pool[:args.num_candidates or total]
         loss_fn = torch.nn.MSELoss().to(device)
 
         def potential_of(candidates):
@@ -198,6 +209,7 @@ def rate_original(args: argparse.Namespace) -> dict:
         "what": "original PyTorch loop (changlin31/DNA dna.distill_train._potential), "
                 "reset_bn_eval=True (like-for-like with bn_mode recalibrate)",
         "bn_mode": "recalibrate", "block": BLOCK, "candidates_rated": n, "candidates": total,
+        "sample": args.sample if n < total else "all",
         "seconds": round(seconds, 3), "warmup_seconds": round(warmup_seconds, 3),
         "seconds_all_candidates": round(all_seconds, 2),
         "extrapolated": n < total, "candidates_per_second": round(n / seconds, 3),
