@@ -74,18 +74,25 @@ def main(argv):
                    "accuracy": truth.accuracy.tolist(), "bins": truth.bins.tolist(),
                    "seconds": time.perf_counter() - start})
     base = os.path.splitext(FLAGS.out)[0]
+    decision = None
+    if fidelity.PRIMARY in result["methods"]:
+        decision = fidelity.verdict(result)
+        result["verdict"] = decision
     artifacts.write_json(FLAGS.out, json.loads(json.dumps(result, default=float),
                                                parse_constant=lambda _: None))
-    artifacts.write_text(f"{base}.md", fidelity.render_table(result))
+    text = fidelity.render_table(result)
+    if decision is not None:
+        text = fidelity.render_verdict(decision) + "\n" + text
+    artifacts.write_text(f"{base}.md", text)
     shown = [m for m in ("macs", "synflow", "dna[cl_loss,sum]", "dna[mse_var,rank]")
              if m in predictions]
     fidelity.plot(truth, predictions, shown, f"{base}.png")
-    print(fidelity.render_table(result))
+    print(text)
     headline = {name: {"kendall": s["kendall"], "partial_spearman": s.get("partial_spearman"),
                        "partial_spearman_p": s.get("partial_spearman_p")}
                 for name, s in result["methods"].items()}
-    print(json.dumps({"num_archs": len(truth), "noise": result["noise"], "methods": headline,
-                      "out": FLAGS.out}, default=float))
+    print(json.dumps({"num_archs": len(truth), "noise": result["noise"], "verdict": decision,
+                      "methods": headline, "out": FLAGS.out}, default=float))
 
 
 if __name__ == "__main__":

@@ -222,6 +222,51 @@ def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, to
             "noise": truth.noise_ceiling(seed=seed), "methods": methods}
 
 
+PRIMARY = "dna[cl_loss,sum]"  # the pre-registered test (README "Does the rating work?")
+
+
+def verdict(result: Mapping[str, Any], primary: str = PRIMARY, alpha: float = 0.05
+            ) -> dict[str, Any]:
+    """The pre-registered test, applied mechanically to one row of `compare_all`'s result.
+
+    Passes if (a) the row's Kendall tau is at least the best size baseline's (SIZE_METHODS
+    present in the result) and (b) its partial Spearman given cost has a 95% bootstrap interval
+    above 0 and a within-bin permutation p-value below `alpha`. Every other row is exploratory.
+    """
+    methods = result["methods"]
+    if primary not in methods:
+        raise ValueError(f"the pre-registered row {primary!r} is not in the result (methods: "
+                         f"{sorted(methods)}); rate with --rate_dir dna=...")
+    sizes = {m: methods[m]["kendall"] for m in SIZE_METHODS if m in methods}
+    if not sizes:
+        raise ValueError(f"no size baseline ({', '.join(SIZE_METHODS)}) in the result")
+    best_size = max(sizes, key=sizes.get)
+    row = methods[primary]
+    tau_ok = bool(row["kendall"] >= sizes[best_size])
+    interval_ok = bool(row.get("partial_spearman_low", float("nan")) > 0)
+    permutation_ok = bool(row.get("partial_spearman_p", float("nan")) < alpha)
+    return {"primary": primary, "kendall": row["kendall"], "best_size": best_size,
+            "best_size_kendall": sizes[best_size], "tau_at_least_size": tau_ok,
+            "partial_spearman": row.get("partial_spearman"),
+            "partial_spearman_low": row.get("partial_spearman_low"),
+            "partial_spearman_p": row.get("partial_spearman_p"),
+            "partial_interval_above_zero": interval_ok,
+            "permutation_p_below_alpha": permutation_ok, "alpha": alpha,
+            "passed": tau_ok and interval_ok and permutation_ok}
+
+
+def render_verdict(v: Mapping[str, Any]) -> str:
+    """One line per condition of the pre-registered test."""
+    mark = {True: "yes", False: "NO"}
+    return (f"Pre-registered test, {v['primary']}: {'PASSED' if v['passed'] else 'NOT PASSED'}\n"
+            f"- (a) Kendall tau {v['kendall']:+.3f} >= best size baseline {v['best_size']} "
+            f"{v['best_size_kendall']:+.3f}: {mark[v['tau_at_least_size']]}\n"
+            f"- (b1) partial Spearman {v['partial_spearman']:+.3f}, 95% interval low end "
+            f"{v['partial_spearman_low']:+.3f} > 0: {mark[v['partial_interval_above_zero']]}\n"
+            f"- (b2) within-bin permutation p {v['partial_spearman_p']:.3f} < {v['alpha']}: "
+            f"{mark[v['permutation_p_below_alpha']]}\n")
+
+
 def render_table(result: Mapping[str, Any]) -> str:
     """A markdown table: one row per method, the headline statistics with 95% bootstrap
     intervals, and the within-bin permutation p-values (one-sided: the rating adds nothing

@@ -430,3 +430,30 @@ def test_spos_scores_rate_every_sampled_architecture(tmp_path):
     assert scores["archs"] == [[list(b) for b in s["arch"].blocks] for s in sample]
     assert len(scores["scores"]) == len(sample)
     assert all(0.0 <= s <= 1.0 for s in scores["scores"]) and scores["higher_is_better"]
+
+
+def _row(kendall, partial=None, low=None, p=None):
+    row = {"kendall": kendall}
+    if partial is not None:
+        row.update(partial_spearman=partial, partial_spearman_low=low, partial_spearman_p=p)
+    return row
+
+
+def test_the_pre_registered_verdict_needs_all_three_conditions():
+    base = {"macs": _row(0.50), "params": _row(0.55), "random": _row(0.9, 0.9, 0.5, 0.001)}
+    passing = {**base, fidelity.PRIMARY: _row(0.56, 0.30, 0.02, 0.01)}
+    v = fidelity.verdict({"methods": passing})
+    assert v["passed"] and v["best_size"] == "params"  # the best size baseline, not macs
+    assert "PASSED" in fidelity.render_verdict(v)
+    for change, failed in ((dict(kendall=0.54), "tau_at_least_size"),
+                           (dict(partial_spearman_low=-0.01), "partial_interval_above_zero"),
+                           (dict(partial_spearman_p=0.05), "permutation_p_below_alpha")):
+        v = fidelity.verdict({"methods": {**passing,
+                                          fidelity.PRIMARY: {**passing[fidelity.PRIMARY],
+                                                             **change}}})
+        assert not v["passed"] and not v[failed], change
+        assert "NOT PASSED" in fidelity.render_verdict(v)
+    with pytest.raises(ValueError, match="pre-registered row"):
+        fidelity.verdict({"methods": base})
+    with pytest.raises(ValueError, match="size baseline"):
+        fidelity.verdict({"methods": {fidelity.PRIMARY: passing[fidelity.PRIMARY]}})
