@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dna-repo", required=True,
                         help="a checkout of github.com/changlin31/DNA (its root or searching/)")
     parser.add_argument("--num-candidates", type=int, default=0,
-                        help="rate the first n candidates and extrapolate (0 = all 1,296)")
+                        help="rate n candidates (see --sample) and extrapolate (0 = all 1,296)")
     parser.add_argument("--sample", choices=("first", "random"), default="first",
                         help="which n candidates --num-candidates rates")
     parser.add_argument("--sample-seed", type=int, default=0,

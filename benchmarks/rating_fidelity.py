@@ -84,7 +84,7 @@ def main(argv):
     if decision is not None:
         text = fidelity.render_verdict(decision) + "\n" + text
     artifacts.write_text(f"{base}.md", text)
-    shown = [m for m in ("macs", "synflow", "dna[cl_loss,sum]", "dna[mse_var,rank]")
+    shown = [m for m in ("macs", "synflow", fidelity.PRIMARY, "dna[mse_var,rank]")
              if m in predictions]
     fidelity.plot(truth, predictions, shown, f"{base}.png")
     print(text)

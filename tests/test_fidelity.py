@@ -343,8 +343,7 @@ def test_dna_predictions_aggregations_and_comparison(tmp_path):
                         and not k.endswith(("_low", "_high")))
     row = next(line for line in table.splitlines() if line.startswith("| macs |"))
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
-    column = header.split(" | ").index(next(c for c in header.split(" | ")
-                                            if c.startswith("regret (points)")))
+    column = next(i for i, c in enumerate(header.split(" | ")) if c.startswith("regret (points)"))
     shown = float(row.split(" | ")[column].split(" [")[0])
     assert shown == pytest.approx(100 * result["methods"]["macs"][first_budget], abs=0.006)
     fidelity.plot(truth, predictions, ["macs", "dna[cl_loss,sum]"], str(tmp_path / "p.png"))
@@ -444,7 +443,7 @@ def test_the_pre_registered_verdict_needs_all_three_conditions():
     passing = {**base, fidelity.PRIMARY: _row(0.56, 0.30, 0.02, 0.01)}
     v = fidelity.verdict({"methods": passing})
     assert v["passed"] and v["best_size"] == "params"  # the best size baseline, not macs
-    assert "PASSED" in fidelity.render_verdict(v)
+    assert fidelity.render_verdict(v).startswith(f"Pre-registered test, {fidelity.PRIMARY}: PASSED")
     for change, failed in ((dict(kendall=0.54), "tau_at_least_size"),
                            (dict(partial_spearman_low=-0.01), "partial_interval_above_zero"),
                            (dict(partial_spearman_p=0.05), "permutation_p_below_alpha")):

@@ -47,6 +47,14 @@ def _start_all(commands, env, tmp_path, cwd=None) -> tuple[list[subprocess.Popen
     return procs, paths
 
 
+def _kill_left(procs: list[subprocess.Popen]) -> None:
+    """Kills (and reaps) the workers still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _wait_all(commands, env, tmp_path, timeout: float, cwd=None
               ) -> list[tuple[subprocess.Popen, str]]:
     """Starts every worker, waits for all (at most `timeout` seconds in all, then kills the
@@ -60,10 +68,7 @@ def _wait_all(commands, env, tmp_path, timeout: float, cwd=None
             except subprocess.TimeoutExpired:
                 break
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     return [(p, path.read_text()) for p, path in zip(procs, paths)]
 
 
@@ -110,6 +115,13 @@ def _pipeline_commands(num_processes: int, config: str, workdir: str, tmp_path,
                  config, workdir, outs[i], str(local_devices), json.dumps(overrides or {})]
                 for i in range(num_processes)]
     return commands, outs
+
+
+def _stages(config: str) -> tuple[str, ...]:
+    """The stages the pipeline of `config` ('path.py:arg') runs, from its supervision."""
+    from dna_jax import config_files, supervision  # pylint: disable=import-outside-toplevel
+    path, _, arg = config.partition(":")
+    return supervision.of(config_files.load_config(path, arg or None)).stages
 
 
 def _worker_env() -> dict[str, str]:
@@ -206,10 +218,8 @@ def test_a_tiny_pipeline_runs_in_two_processes_on_one_workdir(config_file, tmp_p
     """Every stage of DNA (teacher training, distillation, rating, search, export, retraining,
     report) and of DNA++ (ssl, ...) in 2 processes on one shared workdir: both finish, agree,
     and a rerun skips every stage."""
-    from dna_jax import config_files, supervision  # pylint: disable=import-outside-toplevel
     config = os.path.join(REPO, "configs", config_file) + ":tiny"
-    path, _, arg = config.partition(":")
-    stages = supervision.of(config_files.load_config(path, arg)).stages
+    stages = _stages(config)
     workdir = str(tmp_path / "shared")
     pair = _run_pipeline(2, config, workdir, tmp_path)
     assert [r["processes"] for r in pair] == [2, 2] and pair[0]["devices"] == 2
@@ -314,10 +324,7 @@ def test_a_process_killed_mid_stage_resumes_to_the_same_result(tmp_path):
                         f"(it would hang):\n{logs[1].read_text()[-3000:]}")
         survivor_s = time.monotonic() - killed
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     assert procs[0].returncode == -signal.SIGKILL
     assert procs[1].returncode != 0, "process 1 finished without its peer"
     # The kill landed inside the stage: no manifest, a checkpoint to resume from.
@@ -328,9 +335,7 @@ def test_a_process_killed_mid_stage_resumes_to_the_same_result(tmp_path):
     resumed_logs: list[str] = []
     pair = _run_pipeline(2, config, pair_dir, tmp_path, overrides=KILL_OVERRIDES,
                          logs=resumed_logs)
-    from dna_jax import config_files, supervision  # pylint: disable=import-outside-toplevel
-    path, _, arg = config.partition(":")
-    stages = supervision.of(config_files.load_config(path, arg)).stages
+    stages = _stages(config)
     assert stages[:2] == ("teacher", "distill") and "deploy" in stages
     for result, log in zip(pair, resumed_logs):  # the teacher finished before the kill
         assert result["figures"]["stages"] == {s: "skipped" if s == "teacher" else "ran"
