@@ -5,10 +5,10 @@
 #   echo 0 > /proc/sys/kernel/sched_autogroup_enabled   # else nice does not yield (autogroups)
 #   nohup nice -n 8 benchmarks/rating_fidelity_queue.sh > /tmp/fidelity_queue.log 2>&1 &
 # Steps, most important first: 1 the ground truth (48 stand-alone runs), 2 the fidelity table of
-# the methods rated so far, 3 search effectiveness (20 runs: does the DNA winner beat the biggest
-# net under the budget?), 4 SPOS's rating of the ground truth's architectures, 5 the DNA++
-# rating (ssl + rate stages), 6 the fidelity table of every method
-# (results/fmnist28_fidelity.{json,md,png}, committed after steps 2 and 6).
+# the methods rated so far, 3 SPOS's rating of the ground truth's architectures (~25 min), 4 the
+# DNA++ rating (ssl + rate stages, ~1 h), 5 the fidelity table of every method
+# (results/fmnist28_fidelity.{json,md,png}, committed after steps 2 and 5), 6 search
+# effectiveness (20 runs, hours: does the DNA winner beat the biggest net under the budget?).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,10 +32,6 @@ fidelity_table() {  # every row whose ratings exist so far
 }
 fidelity_table "the ground truth against DNA's ratings, macs and the other proxies"
 
-$PY -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
-  --workdir workdir/fmnist28_search_effectiveness \
-  --out results/fmnist28_search_effectiveness.json --commit
-
 if [[ ! -f results/fmnist28_spos_scores.json ]]; then
   $PY -m dna_jax.spos_scores --config configs/fmnist28_spos.py --workdir workdir/fmnist28_spos \
     --out results/fmnist28_spos_scores.json
@@ -52,3 +48,7 @@ if [[ ! -f results/fmnist28_ratings/dna_pp/block2.npz ]]; then
 fi
 
 fidelity_table "every method: DNA, DNA++, SPOS, proxies"
+
+$PY -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
+  --workdir workdir/fmnist28_search_effectiveness \
+  --out results/fmnist28_search_effectiveness.json --commit
