@@ -101,15 +101,17 @@ def test_original_rate_patches_cuda_calls_on_cpu(tmp_path):
         figures["seconds"] * 1296 / 3, rel=1e-3, abs=0.0005 * 1296 / 3 + 0.005)
     assert len(figures["mse_first"]) == 3 and figures["bn_mode"] == "recalibrate"
     assert "potentials" not in run.stdout  # the original's prints go to /dev/null
-    assert figures["sample"] == "first"
-    # --sample random rates other candidates (the fake's output grows with the encoding).
+    assert figures["sample"] == "first" and figures["keep_freed_memory"] is False
+    # --sample random rates other candidates (the fake's output grows with the encoding);
+    # --keep-freed-memory 1 gives the original our allocator settings (glibc here).
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "original_dna_rate.py"),
          "--dna-repo", str(repo), "--num-candidates", "3", "--batch", "2", "--device", "cpu",
-         "--sample", "random", "--sample-seed", "1"],
+         "--sample", "random", "--sample-seed", "1", "--keep-freed-memory", "1"],
         capture_output=True, text=True, timeout=300, check=True)
     sampled = json.loads(run.stdout.strip().splitlines()[-1])
     assert sampled["sample"] == "random" and sampled["candidates_rated"] == 3
+    assert sampled["keep_freed_memory"] is True
     assert sampled["mse_first"] != figures["mse_first"]
     # The patches are undone afterwards (checked in-process on the context manager).
     import torch  # pylint: disable=import-outside-toplevel
