@@ -287,15 +287,18 @@ def test_updates_per_op_counts_choices_per_layer():
 # ---- the comparison ----------------------------------------------------------------------------
 
 
-def _fake_truth(space_name="tiny"):
+TINY_ENCODINGS = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
+
+
+def _fake_truth(space_name="tiny", encodings=TINY_ENCODINGS, per_bin=4, centres=(1.0, 1.0)):
     space = get_space(space_name)
     archs, runs = [], []
     rng = np.random.default_rng(0)
-    encodings = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
     for i, blocks in enumerate(encodings):
-        archs.append({"index": i, "bin": i // 4, "bin_centre": 1.0, "blocks": blocks,
+        archs.append({"index": i, "bin": i // per_bin, "bin_centre": centres[i // per_bin],
+                      "blocks": blocks,
                       **ground_truth.arch_costs(space, Arch.of(blocks), 16, 10)})
-        for seed in (0, 1) if i % 4 == 0 else (0,):
+        for seed in (0, 1) if i % per_bin == 0 else (0,):
             runs.append({"arch": i, "seed": seed,
                          "test_accuracy": 0.5 + 0.01 * i + 0.002 * rng.normal()})
     return {"format_version": 1, "sample": {"record": {"space": space_name, "resolution": 16},
@@ -456,3 +459,61 @@ def test_the_pre_registered_verdict_needs_all_three_conditions():
         fidelity.verdict({"methods": base})
     with pytest.raises(ValueError, match="size baseline"):
         fidelity.verdict({"methods": {fidelity.PRIMARY: passing[fidelity.PRIMARY]}})
+
+
+def test_merged_ground_truths_keep_bins_and_pool_seed_noise_per_file():
+    first = _fake_truth(encodings=TINY_ENCODINGS[:4], per_bin=2, centres=(1.0, 2.0))
+    second = _fake_truth(encodings=TINY_ENCODINGS[4:], per_bin=2, centres=(1.0, 2.0))
+    one, two = fidelity.GroundTruth(first), fidelity.GroundTruth(second)
+    truth = fidelity.GroundTruth.merged([first, second])
+    assert len(truth) == len(one) + len(two) == 8
+    np.testing.assert_array_equal(truth.bins, np.concatenate([one.bins, two.bins]))
+    np.testing.assert_allclose(truth.accuracy, np.concatenate([one.accuracy, two.accuracy]))
+    assert len(set(truth.archs)) == 8 and truth.archs == one.archs + two.archs
+    assert truth.costs["macs"].tolist() == one.costs["macs"].tolist() + two.costs["macs"].tolist()
+    # Seed noise pooled over both files' two-seed architectures (arch 0 of each file: the
+    # runs of different files are not one architecture's).
+    pairs = [[r["test_accuracy"] for r in d["runs"] if r["arch"] == a]
+             for d in (first, second) for a in (0, 2)]
+    assert all(len(p) == 2 for p in pairs) and len(truth.data["runs"]) == 12
+    assert truth.seed_sd() == pytest.approx(np.sqrt(np.mean([np.var(p, ddof=1) for p in pairs])))
+    assert truth.noise_ceiling(num_draws=10)["two_seed_archs"] == 4
+    assert fidelity.GroundTruth.merged([first]).accuracy.tolist() == one.accuracy.tolist()
+    with pytest.raises(ValueError, match="bin centres"):
+        fidelity.GroundTruth.merged([first, _fake_truth(encodings=TINY_ENCODINGS[4:], per_bin=2,
+                                                        centres=(1.0, 2.0 * (1 + 1e-6)))])
+    with pytest.raises(ValueError, match="distinct architectures"):
+        fidelity.GroundTruth.merged([first, first])
+    other = {**second, "sample": {**second["sample"], "record": {"space": "tiny",
+                                                                 "resolution": 20}}}
+    with pytest.raises(ValueError, match="resolution"):
+        fidelity.GroundTruth.merged([first, other])
+    with pytest.raises(ValueError, match="at least one"):
+        fidelity.GroundTruth.merged([])
+
+
+def test_confidence_sets_the_interval_and_the_verdict_refuses_another_alpha():
+    truth = fidelity.GroundTruth(_fake_truth())
+    rng = np.random.default_rng(1)
+    predictions = {"macs": truth.costs["macs"],
+                   fidelity.PRIMARY: truth.accuracy + 0.01 * rng.normal(size=len(truth))}
+    results = {c: fidelity.compare_all(truth, predictions, top_k=2, num_resamples=300,
+                                       num_permutations=50, confidence=c) for c in (0.95, 0.975)}
+    widths = {c: [r["methods"][m][f"{s}_high"] - r["methods"][m][f"{s}_low"]
+                  for m in predictions for s in ("kendall", "spearman", "partial_spearman")]
+              for c, r in results.items()}
+    pairs = [(w95, w975) for w95, w975 in zip(widths[0.95], widths[0.975])
+             if np.isfinite(w95)]  # macs given macs: undefined
+    assert len(pairs) == 5 and all(w975 >= w95 for w95, w975 in pairs)
+    assert sum(w975 for _, w975 in pairs) > sum(w95 for w95, _ in pairs)
+    assert results[0.975]["confidence"] == 0.975
+    for c, r in results.items():  # the point estimates do not depend on the level
+        assert r["methods"]["macs"]["kendall"] == results[0.95]["methods"]["macs"]["kendall"]
+    v = fidelity.verdict(results[0.975], alpha=0.025)
+    assert v["confidence"] == 0.975 and "97.5% interval" in fidelity.render_verdict(v)
+    assert "95% interval" in fidelity.render_verdict(fidelity.verdict(results[0.95]))
+    assert "intervals: 97.5% bootstrap" in fidelity.render_table(results[0.975])
+    with pytest.raises(ValueError, match="confidence 0.95"):
+        fidelity.verdict(results[0.95], alpha=0.025)
+    with pytest.raises(ValueError, match="confidence 0.975"):
+        fidelity.verdict(results[0.975])
