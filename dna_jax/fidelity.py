@@ -4,9 +4,10 @@ r"""Does the rating work? Every rating method against one ground truth, size-con
         --rate_dir workdir/fmnist28_dna/rate --out results/fmnist28_fidelity.json
 
 Inputs: a ground-truth file written by `dna_jax.ground_truth` (architectures in cost bins,
-stand-alone test accuracies, some with several seeds) and, per DNA variant, a folder of rating
-tables (`rate/` of a pipeline run on the same space). The truth of an architecture is its mean
-test accuracy over the seeds it has.
+stand-alone test accuracies, some with several seeds), or several of the same bins read as one
+(`GroundTruth.merged`: a file and its confirmation sample), and, per DNA variant, a folder of
+rating tables (`rate/` of a pipeline run on the same space). The truth of an architecture is
+its mean test accuracy over the seeds it has.
 
 Methods (each oriented so that higher = predicted better; see ranking_stats):
   dna[<metric>, <aggregation>]: the rating tables' metric summed over blocks, NEGATED (a loss);
@@ -20,12 +21,13 @@ Methods (each oriented so that higher = predicted better; see ranking_stats):
   random: a seeded random score (what chance looks like at this sample size).
 
 Statistics per method: Kendall tau-b and Spearman rho with accuracy, tau within cost bins,
-partial Spearman given log(cost), top-k overlap and regret at two budgets, each with a 95%
-bootstrap interval over architectures, and for what a rating says beyond size (partial
-Spearman, tau within cost bins) a permutation p-value (the rating shuffled within cost bins,
-`ranking_stats.within_bin_permutation_p`); plus the seed-noise ceiling (what a perfect predictor of
-the mean accuracy would score against single-seed accuracies, simulated with the measured seed
-SD, and tau between two seeds where they exist).
+partial Spearman given log(cost), top-k overlap and regret at two budgets, each with a
+bootstrap interval over architectures (95% unless `compare_all(confidence=...)`), and for what
+a rating says beyond size (partial Spearman, tau within cost bins) a permutation p-value (the
+rating shuffled within cost bins, `ranking_stats.within_bin_permutation_p`); plus the
+seed-noise ceiling (what a perfect predictor of the mean accuracy would score against
+single-seed accuracies, simulated with the measured seed SD, and tau between two seeds where
+they exist).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ SIZE_METHODS = ("macs", "effective_macs", "params", "dna_flops")
 
 
 class GroundTruth:
-    """The architectures of a ground-truth file and their mean accuracies (trained ones only)."""
+    """The architectures of a ground-truth file (or of several: `merged`) and their mean
+    accuracies (trained ones only)."""
 
     def __init__(self, data: Mapping[str, Any]):
         self.data = data
@@ -63,6 +66,56 @@ class GroundTruth:
                       for name in SIZE_METHODS if name in archs[0]}
         self.space = get_space(data["sample"]["record"]["space"])
         self.resolution = int(data["sample"]["record"]["resolution"])
+
+    @classmethod
+    def merged(cls, files: Sequence[Mapping[str, Any]]) -> "GroundTruth":
+        """Several ground-truth files of one space, resolution and set of bins as one truth,
+        e.g. a file and its confirmation sample (`ground_truth`'s `sample.exclude`).
+
+        Each file's architectures are numbered after the previous files' (its runs with them),
+        so the seed noise pools every file's runs without mixing two files' runs as one
+        architecture; `bins` stay the shared bin index. One file: `GroundTruth(files[0])`.
+
+        Raises:
+          ValueError: no file; the files differ in space, resolution or bin centres
+            (`sample.archs[*].bin_centre` per bin, relative tolerance 1e-9); or two files
+            sampled the same architecture (it would count as two independent networks).
+        """
+        if not files:
+            raise ValueError("GroundTruth.merged needs at least one ground-truth file")
+        if len(files) == 1:
+            return cls(files[0])
+        first = files[0]["sample"]["record"]
+        centres = _bin_centres(files[0], 0)
+        archs: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        owner: dict[Arch, int] = {}
+        for f, data in enumerate(files):
+            record = data["sample"]["record"]
+            for name in ("space", "resolution"):
+                if record[name] != first[name]:
+                    raise ValueError(f"ground-truth file {f} has {name} {record[name]!r}, file 0 "
+                                     f"{first[name]!r}: only files of one space and resolution "
+                                     "merge")
+            theirs = _bin_centres(data, f)
+            if sorted(theirs) != sorted(centres) or not all(
+                    np.isclose(theirs[b], centres[b], rtol=1e-9, atol=0.0) for b in centres):
+                raise ValueError(f"ground-truth file {f} has bin centres {theirs}, file 0 "
+                                 f"{centres}: only files of the same bins merge")
+            offset = len(archs)
+            for i, arch in enumerate(data["sample"]["archs"]):
+                key = Arch.of(arch["blocks"])
+                if owner.setdefault(key, f) != f:
+                    raise ValueError(f"architecture {arch['blocks']} is in ground-truth files "
+                                     f"{owner[key]} and {f}: merged files must sample distinct "
+                                     "architectures (sample.exclude)")
+                archs.append({**arch, "index": offset + i, "file": f})
+            runs += [{**run, "arch": run["arch"] + offset, "file": f} for run in data["runs"]]
+        return cls({"format_version": files[0].get("format_version"), "merged_files": len(files),
+                    "sample": {"record": {"space": first["space"],
+                                          "resolution": first["resolution"]},
+                               "archs": archs},
+                    "runs": runs})
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -98,6 +151,16 @@ class GroundTruth:
             out["two_seed_kendall"] = ranking_stats.kendall_tau(a, b)
             out["two_seed_archs"] = len(both)
         return out
+
+
+def _bin_centres(data: Mapping[str, Any], f: int) -> dict[int, float]:
+    """{bin: centre} of a ground-truth file's sample (one centre per bin, or a ValueError)."""
+    centres: dict[int, float] = {}
+    for arch in data["sample"]["archs"]:
+        if centres.setdefault(arch["bin"], arch["bin_centre"]) != arch["bin_centre"]:
+            raise ValueError(f"ground-truth file {f}: bin {arch['bin']} has two centres, "
+                             f"{centres[arch['bin']]} and {arch['bin_centre']}")
+    return centres
 
 
 # ---- the ratings -------------------------------------------------------------------------------
@@ -206,8 +269,9 @@ def arch_score_predictions(scores: Mapping[str, Any], truth: "GroundTruth") -> n
 def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, top_k: int = 5,
                 budget_quantiles: Sequence[float] = (0.33, 0.67), cost: str = "macs",
                 num_resamples: int = 1000, num_permutations: int = 2000,
-                seed: int = 0) -> dict[str, Any]:
-    """Every method's statistics against the truth (see the module docstring)."""
+                seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Every method's statistics against the truth (see the module docstring), the bootstrap
+    intervals at `confidence` (stored in the result: `verdict` checks it against its alpha)."""
     cost_values = truth.costs[cost]
     budgets = [float(np.quantile(cost_values, q)) for q in budget_quantiles]
     methods = {}
@@ -215,10 +279,11 @@ def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, to
         methods[name] = ranking_stats.compare(
             truth.accuracy, prediction, top_k=top_k, num_resamples=num_resamples, seed=seed,
             cost=cost_values, bins=truth.bins, budgets=budgets,
-            num_permutations=num_permutations)
+            num_permutations=num_permutations, confidence=confidence)
     return {"num_archs": len(truth), "num_bins": int(len(np.unique(truth.bins))),
             "cost": cost, "budgets": budgets, "top_k": top_k,
             "num_resamples": num_resamples, "num_permutations": num_permutations,
+            "confidence": confidence,
             "noise": truth.noise_ceiling(seed=seed), "methods": methods}
 
 
@@ -230,9 +295,17 @@ def verdict(result: Mapping[str, Any], primary: str = PRIMARY, alpha: float = 0.
     """The pre-registered test, applied mechanically to one row of `compare_all`'s result.
 
     Passes if (a) the row's Kendall tau is at least the best size baseline's (SIZE_METHODS
-    present in the result) and (b) its partial Spearman given cost has a 95% bootstrap interval
+    present in the result) and (b) its partial Spearman given cost has a bootstrap interval
     above 0 and a within-bin permutation p-value below `alpha`. Every other row is exploratory.
+    The interval is the result's, so it must be at confidence 1 - alpha (`compare_all(...,
+    confidence=1 - alpha)`; a result that records another `confidence` is a ValueError; one
+    without the key is taken to be at 1 - alpha).
     """
+    confidence = result.get("confidence")
+    if confidence is not None and abs(confidence - (1.0 - alpha)) > 1e-9:
+        raise ValueError(f"the result's intervals are at confidence {confidence}, the test's "
+                         f"alpha={alpha} needs {1.0 - alpha:g}: compare_all(..., "
+                         f"confidence={1.0 - alpha:g})")
     methods = result["methods"]
     if primary not in methods:
         raise ValueError(f"the pre-registered row {primary!r} is not in the result (methods: "
@@ -252,27 +325,34 @@ def verdict(result: Mapping[str, Any], primary: str = PRIMARY, alpha: float = 0.
             "partial_spearman_p": row.get("partial_spearman_p"),
             "partial_interval_above_zero": interval_ok,
             "permutation_p_below_alpha": permutation_ok, "alpha": alpha,
+            "confidence": 1.0 - alpha if confidence is None else confidence,
             "passed": tau_ok and interval_ok and permutation_ok}
 
 
 def render_verdict(v: Mapping[str, Any]) -> str:
     """One line per condition of the pre-registered test."""
     mark = {True: "yes", False: "NO"}
+    level = _percent(v.get("confidence", 1.0 - v["alpha"]))
     return (f"Pre-registered test, {v['primary']}: {'PASSED' if v['passed'] else 'NOT PASSED'}\n"
             f"- (a) Kendall tau {v['kendall']:+.3f} >= best size baseline {v['best_size']} "
             f"{v['best_size_kendall']:+.3f}: {mark[v['tau_at_least_size']]}\n"
-            f"- (b1) partial Spearman {v['partial_spearman']:+.3f}, 95% interval low end "
+            f"- (b1) partial Spearman {v['partial_spearman']:+.3f}, {level} interval low end "
             f"{v['partial_spearman_low']:+.3f} > 0: {mark[v['partial_interval_above_zero']]}\n"
             f"- (b2) within-bin permutation p {v['partial_spearman_p']:.3f} < {v['alpha']}: "
             f"{mark[v['permutation_p_below_alpha']]}\n")
 
 
+def _percent(confidence: float) -> str:
+    return f"{100.0 * confidence:.4g}%"
+
+
 def render_table(result: Mapping[str, Any]) -> str:
-    """A markdown table: one row per method, the headline statistics with 95% bootstrap
-    intervals, and the within-bin permutation p-values (one-sided: the rating adds nothing
-    beyond cost) of tau within bins and of partial Spearman. Regret is in accuracy points
-    (x100: the accuracies differ in the third decimal). A first line gives the sample size
-    and the seed-noise ceiling the correlations are bounded by."""
+    """A markdown table: one row per method, the headline statistics with bootstrap intervals
+    (at the result's `confidence`), and the within-bin permutation p-values (one-sided: the
+    rating adds nothing beyond cost) of tau within bins and of partial Spearman. Regret is in
+    accuracy points (x100: the accuracies differ in the third decimal). A first line gives the
+    sample size, the seed-noise ceiling the correlations are bounded by and the intervals'
+    confidence."""
     def cell(stats: Mapping[str, float], name: str, scale: float = 1.0) -> str:
         value = stats.get(name)
         if value is None or not np.isfinite(value):
@@ -302,6 +382,8 @@ def render_table(result: Mapping[str, Any]) -> str:
     if noise.get("two_seed_kendall") is not None:
         lines[0] += (f"; seed 0 vs seed 1 over {noise['two_seed_archs']} architectures: tau "
                      f"{noise['two_seed_kendall']:+.2f}")
+    if result.get("confidence") is not None:
+        lines[0] += f"; intervals: {_percent(result['confidence'])} bootstrap"
     lines += [""]
     header = ["method", "Kendall tau", "Spearman rho", "tau within cost bins", "p",
               f"partial Spearman given {result['cost']}", "p", f"top-{result['top_k']} overlap",

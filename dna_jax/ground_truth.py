@@ -13,7 +13,14 @@ What it trains (issue 19, item 3):
     `num_seeds` seeds (the seed-noise ceiling);
   * first the PILOT: `pilot_archs` of the multi-seed architectures (spread over the bins) x 2
     seeds; its seed SD and accuracy spread are written to the file, so a reader sees whether
-    the training length met "seed SD <= spread / 4" before the rest was trained.
+    the training length met "seed SD <= spread / 4" before the rest was trained
+    (`multi_seed_per_bin=0`, `pilot_archs=0`: seed 0 only, no pilot).
+
+A CONFIRMATION sample (`sample.pick_seed >= 0`, `sample.exclude`): the pool and the bin centres
+still come from `sample.seed` (the same bins as the file it confirms), but the architectures
+of each bin are drawn with their own rng (`pick_seed`) among those the `exclude` file did not
+sample, so its networks are new ones, fixed before any of them is trained, and the two files
+can be analysed together (`fidelity.GroundTruth.merged`).
 
 Order: the pilot, then seed 0 of the other architectures interleaved over the bins (so a
 partial file is still stratified), then the extra seeds. Every run is one stand-alone training
@@ -67,9 +74,16 @@ def get_default_config() -> ml_collections.ConfigDict:
       resolution: the images' size (the costs are counted there).
       sample: seed, pool_size, num_bins, per_bin, bin_tolerance (relative half-width of a bin
         around its centre), low_quantile / high_quantile (the range of bin centres, as
-        quantiles of the pool's cost), cost (the cost the bins cut: `macs`).
-      seeds: multi_seed_per_bin (architectures per bin trained with `num_seeds` seeds),
-        num_seeds (>= 3), pilot_archs (multi-seed architectures trained first with 2 seeds).
+        quantiles of the pool's cost), cost (the cost the bins cut: `macs`); pick_seed (-1:
+        the picks continue the pool's rng; >= 0: their own rng, for a confirmation sample
+        in the same bins) and exclude ('' or the path of a ground-truth file made with the
+        same seed / pool / bin fields, whose architectures are not picked again; needs
+        pick_seed >= 0; a relative path is read from the current folder, else from the
+        repository's root, and recorded as given). Both are left out of the file's record
+        at their defaults, so files made before they existed still match.
+      seeds: multi_seed_per_bin (architectures per bin trained with `num_seeds` seeds; 0:
+        seed 0 only), num_seeds (>= 2; unused without multi-seed architectures), pilot_archs
+        (multi-seed architectures trained first with 2 seeds; 0: no pilot).
       standalone: a full trainer config (dna_jax.retrain) for every run; its `seed` is set per
         run.
     """
@@ -77,7 +91,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.space = "fmnist28"
     config.resolution = 28
     config.sample = dict(seed=0, pool_size=200_000, num_bins=6, per_bin=6, bin_tolerance=0.02,
-                         low_quantile=0.0005, high_quantile=0.9995, cost="macs")
+                         low_quantile=0.0005, high_quantile=0.9995, cost="macs",
+                         pick_seed=-1, exclude="")
     config.seeds = dict(multi_seed_per_bin=1, num_seeds=3, pilot_archs=4)
     config.standalone = retrain_lib.get_default_config()
     return config
@@ -100,11 +115,61 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if d.num_seeds < 2 or not 0 <= d.multi_seed_per_bin <= s.per_bin:
         raise ValueError("config.seeds: num_seeds must be >= 2 and multi_seed_per_bin in "
                          f"0..per_bin, got {d.num_seeds}, {d.multi_seed_per_bin}")
-    if d.pilot_archs > d.multi_seed_per_bin * s.num_bins:
-        raise ValueError(f"config.seeds.pilot_archs={d.pilot_archs} exceeds the multi-seed "
+    if not 0 <= d.pilot_archs <= d.multi_seed_per_bin * s.num_bins:
+        raise ValueError(f"config.seeds.pilot_archs={d.pilot_archs} must be in 0..the multi-seed "
                          f"architectures ({d.multi_seed_per_bin} x {s.num_bins} bins)")
     if config.resolution < 8:
         raise ValueError(f"config.resolution must be >= 8, got {config.resolution}")
+    if s.pick_seed < -1:
+        raise ValueError(f"config.sample.pick_seed must be -1 (the pool's rng) or >= 0, got "
+                         f"{s.pick_seed}")
+    if s.exclude:
+        if s.pick_seed < 0:
+            raise ValueError(f"config.sample.exclude={s.exclude!r} needs config.sample.pick_seed "
+                             ">= 0 (with -1 the picks are the excluded file's own)")
+        _excluded_file(config)
+
+
+# The fields that define the pool and the bins: a confirmation sample shares them with the
+# file it excludes (same bins, and the excluded architectures are the pool's).
+BIN_FIELDS = ("seed", "pool_size", "num_bins", "bin_tolerance", "low_quantile", "high_quantile",
+              "cost")
+
+
+def _exclude_path(path: str) -> str:
+    """`path` as given if it exists (absolute or from the current folder), else from the
+    repository's root (configs name it relative to the root; the record keeps it as given)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, path)
+
+
+def _excluded_file(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `config.sample.exclude` file, checked to share this config's space, resolution and
+    bin-defining fields (BIN_FIELDS); a ValueError names the field otherwise."""
+    s = config.sample
+    path = _exclude_path(s.exclude)
+    if not os.path.isfile(path):
+        raise ValueError(f"config.sample.exclude={s.exclude!r}: no such file")
+    try:
+        data = load_file(path)
+        record, archs = data["sample"]["record"], data["sample"]["archs"]
+        missing = [k for a in archs for k in ("bin", "bin_centre", "blocks") if k not in a]
+        if missing:
+            raise KeyError(f"sample.archs[*].{missing[0]}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"config.sample.exclude={s.exclude!r} is not a ground-truth file "
+                         f"({type(e).__name__}: {e})") from e
+    ours = {"space": config.space, "resolution": config.resolution,
+            **{name: s[name] for name in BIN_FIELDS}}
+    for name, value in ours.items():
+        if record.get(name) != value:
+            field = name if name in ("space", "resolution") else f"sample.{name}"
+            raise ValueError(f"config.sample.exclude={s.exclude!r} was made with {name}="
+                             f"{record.get(name)!r}, this config has config.{field}={value!r}: "
+                             "a confirmation sample needs the same space, resolution and bins")
+    return data
 
 
 # ---- the sample --------------------------------------------------------------------------------
@@ -123,12 +188,16 @@ def cost_stratified_sample(space: SearchSpace, cfg: Any, resolution: int,
                            num_classes: int = 10) -> list[dict[str, Any]]:
     """Bins of near-equal-cost architectures (see the module docstring); deterministic.
 
+    With `cfg.pick_seed >= 0` the pool and the centres are the same, the picks use their own
+    rng and skip the architectures of the `cfg.exclude` file (whose bin centres must be these:
+    `check_config` has checked its fields, this checks the sampler still agrees).
+
     Returns:
       [{'bin', 'bin_centre', 'arch': Arch, 'cost'}], bin-major, `per_bin` per bin.
 
     Raises:
       ValueError: a bin has fewer than `per_bin` distinct qualifying architectures (widen
-        `bin_tolerance` or grow `pool_size`).
+        `bin_tolerance` or grow `pool_size`), or the excluded file's bins differ.
     """
     from dna_jax import ranking  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(cfg.seed)
@@ -139,13 +208,34 @@ def cost_stratified_sample(space: SearchSpace, cfg: Any, resolution: int,
     total = block_costs[first] + fixed
     low, high = np.quantile(total, [cfg.low_quantile, cfg.high_quantile])
     centres = np.geomspace(low, high, cfg.num_bins)
+    pick_seed, exclude = cfg.get("pick_seed", -1), cfg.get("exclude", "")
+    if exclude and pick_seed < 0:
+        raise ValueError(f"config.sample.exclude={exclude!r} needs config.sample.pick_seed >= 0")
+    if pick_seed >= 0:
+        rng = np.random.default_rng(pick_seed)
+    excluded: set[Arch] = set()
+    if exclude:
+        archs = load_file(_exclude_path(exclude))["sample"]["archs"]
+        excluded = {Arch.of(a["blocks"]) for a in archs}
+        for a in archs:
+            if not np.isclose(a["bin_centre"], centres[a["bin"]], rtol=1e-9, atol=0.0):
+                raise ValueError(f"config.sample.exclude={exclude!r}: bin {a['bin']} has centre "
+                                 f"{a['bin_centre']!r}, this sampler {centres[a['bin']]!r} (the "
+                                 "sampler changed?)")
     chosen: list[dict[str, Any]] = []
     for b, centre in enumerate(centres):
         inside = first[np.abs(total / centre - 1.0) <= cfg.bin_tolerance]
+        skipped = 0
+        if excluded:
+            keep = np.asarray([Arch.of(block[i] for block in blocks) not in excluded
+                               for i in inside], bool)
+            inside, skipped = inside[keep], int((~keep).sum())
         if len(inside) < cfg.per_bin:
             raise ValueError(f"cost bin {b} (centre {centre:,.0f} {cfg.cost}) has {len(inside)} "
                              f"distinct architectures within {cfg.bin_tolerance:.0%} in a pool of "
-                             f"{cfg.pool_size}, fewer than per_bin={cfg.per_bin}: raise "
+                             f"{cfg.pool_size}"
+                             + (f" ({skipped} more excluded)" if excluded else "")
+                             + f", fewer than per_bin={cfg.per_bin}: raise "
                              "config.sample.bin_tolerance or pool_size")
         pick = rng.choice(inside, size=cfg.per_bin, replace=False)
         for i in pick:
@@ -270,9 +360,15 @@ class RunData:
         return self._train0 if seed == 0 else self._make(self.cfg.data.train_split, True, seed)
 
 
+# Sample fields left out of the record at these values: files made before they existed match.
+_RECORD_DEFAULTS = {"pick_seed": -1, "exclude": ""}
+
+
 def _sample_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    sample = {k: v for k, v in config.sample.to_dict().items()
+              if not (k in _RECORD_DEFAULTS and v == _RECORD_DEFAULTS[k])}
     return {"space": config.space, "resolution": config.resolution,
-            **config.sample.to_dict(), **config.seeds.to_dict()}
+            **sample, **config.seeds.to_dict()}
 
 
 def load_file(path: str) -> dict[str, Any] | None:
@@ -301,6 +397,25 @@ def commit_file(path: str, message: str) -> None:
     logging.warning("could not commit %s (git busy or nothing changed)", path)
 
 
+def new_file(config: ml_collections.ConfigDict, space: SearchSpace,
+             sample: Sequence[dict[str, Any]], order: Sequence[tuple[int, int]],
+             command: str = "") -> dict[str, Any]:
+    """The file before any run: the record, the sample with its costs, the order."""
+    num_classes = 10
+    return {"format_version": FORMAT_VERSION,
+            "description": ("stand-alone test accuracies of architectures of the "
+                            f"{space.name!r} space, stratified over {config.sample.cost}, "
+                            "for rating fidelity (dna_jax.ground_truth)"),
+            "command": command, "recipe": artifacts.to_jsonable(config.standalone.to_dict()),
+            "sample": {"record": artifacts.to_jsonable(_sample_record(config)), "archs": [
+                {"index": i, "bin": s["bin"], "bin_centre": s["bin_centre"],
+                 "blocks": [list(b) for b in s["arch"].blocks],
+                 "block_strings": space.to_network_spec(s["arch"]).to_strings(),
+                 **arch_costs(space, s["arch"], config.resolution, num_classes)}
+                for i, s in enumerate(sample)]},
+            "order": [list(o) for o in order], "runs": [], "pilot": {}}
+
+
 def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
                      commit: bool = False, max_runs: int = 0,
                      command: str = "") -> dict[str, Any]:
@@ -325,19 +440,7 @@ def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
         raise ValueError(f"{out} holds other architectures than this code samples from the same "
                          "record (the sampler changed?): use another --out")
     if data is None:
-        num_classes = 10
-        data = {"format_version": FORMAT_VERSION,
-                "description": ("stand-alone test accuracies of architectures of the "
-                                f"{space.name!r} space, stratified over {config.sample.cost}, "
-                                "for rating fidelity (dna_jax.ground_truth)"),
-                "command": command, "recipe": recipe,
-                "sample": {"record": artifacts.to_jsonable(record), "archs": [
-                    {"index": i, "bin": s["bin"], "bin_centre": s["bin_centre"],
-                     "blocks": [list(b) for b in s["arch"].blocks],
-                     "block_strings": space.to_network_spec(s["arch"]).to_strings(),
-                     **arch_costs(space, s["arch"], config.resolution, num_classes)}
-                    for i, s in enumerate(sample)]},
-                "order": [list(o) for o in order], "runs": [], "pilot": {}}
+        data = new_file(config, space, sample, order, command)
     done = {(r["arch"], r["seed"]) for r in data["runs"]}
     pilot_items = order[:2 * config.seeds.pilot_archs]
     mesh = sharding_lib.mesh_from_config(config.standalone.mesh)
@@ -358,7 +461,7 @@ def run_ground_truth(config: ml_collections.ConfigDict, workdir: str, out: str,
         data["runs"].append(result)
         done.add((index, seed))
         trained += 1
-        if all(item in done for item in pilot_items) and not data["pilot"]:
+        if pilot_items and all(item in done for item in pilot_items) and not data["pilot"]:
             data["pilot"] = {"runs": [list(i) for i in pilot_items],
                              **seed_noise([r for r in data["runs"]
                                            if (r["arch"], r["seed"]) in set(pilot_items)])}

@@ -24,6 +24,7 @@ VARIANTS = {
     "imagenet_ranking.py": [None, "gpu1", "tpu_v4_32,space=released"],
     "fmnist28_dna.py": [None, "tiny"],
     "fmnist28_ground_truth.py": [None, "tiny"],
+    "fmnist28_ground_truth_confirm.py": [None, "tiny"],
     "fmnist28_search_effectiveness.py": [None, "tiny"],
     "fmnist28_spos.py": [None, "tiny"],
     "fmnist28_dna_pp.py": [None, "tiny"],

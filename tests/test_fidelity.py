@@ -5,6 +5,7 @@ tiny ground-truth run (slow) that resumes from its file.
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,140 @@ def test_run_order_pilot_first_then_stratified_then_extra_seeds():
     assert len({a // 6 for a in seed0}) >= 5
 
 
+CONFIRM_CONFIG = os.path.join(REPO, "configs", "fmnist28_ground_truth_confirm.py")
+
+
+def test_the_committed_ground_truth_is_still_drawn_and_the_confirmation_sample_is_new():
+    """The new sample fields change nothing for the committed file (its record and its 36
+    architectures); the confirmation sample is 3 new architectures in each of its 6 bins."""
+    committed = artifacts.read_json(os.path.join(REPO, "results", "fmnist28_ground_truth.json"))
+    config = config_files.load_config(GT_CONFIG)
+    record = ground_truth._sample_record(config)
+    assert "pick_seed" not in record and "exclude" not in record
+    assert artifacts.to_jsonable(record) == committed["sample"]["record"]
+    space = get_space(config.space)
+    sample = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    assert [[list(b) for b in s["arch"].blocks] for s in sample] == [
+        a["blocks"] for a in committed["sample"]["archs"]]
+    confirm = config_files.load_config(CONFIRM_CONFIG)
+    ground_truth.check_config(confirm)
+    assert ground_truth._sample_record(confirm)["exclude"] == "results/fmnist28_ground_truth.json"
+    new = ground_truth.cost_stratified_sample(space, confirm.sample, confirm.resolution)
+    assert len(new) == 18 and len({s["arch"] for s in new}) == 18
+    assert not {s["arch"] for s in new} & {s["arch"] for s in sample}
+    centres = {s["bin"]: s["bin_centre"] for s in sample}
+    assert all(s["bin_centre"] == centres[s["bin"]] for s in new)
+    assert [s["bin"] for s in new] == [b for b in range(6) for _ in range(3)]
+    order = ground_truth.run_order(6, 3, confirm.seeds.multi_seed_per_bin,
+                                  confirm.seeds.num_seeds, confirm.seeds.pilot_archs)
+    assert sorted(order) == [(a, 0) for a in range(18)]
+
+
+def _tiny_exclude_file(path, **record_changes):
+    """The tiny ground truth's file before any run (its record changed as given)."""
+    config = config_files.load_config(GT_CONFIG, "tiny")
+    space = get_space(config.space)
+    sample = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    data = ground_truth.new_file(config, space, sample, [])
+    data["sample"]["record"].update(record_changes)
+    artifacts.write_json(str(path), data)
+    return sample
+
+
+def test_pick_seed_and_exclude_draw_new_architectures_in_the_same_bins(tmp_path):
+    excluded = _tiny_exclude_file(tmp_path / "gt.json")
+    base = config_files.load_config(GT_CONFIG, "tiny")
+    space = get_space(base.space)
+    # The defaults, given explicitly, are the sample as before.
+    explicit = config_files.load_config(GT_CONFIG, "tiny", **{"sample.pick_seed": -1,
+                                                              "sample.exclude": ""})
+    assert ([s["arch"] for s in ground_truth.cost_stratified_sample(space, explicit.sample, 16)]
+            == [s["arch"] for s in excluded])
+    config = config_files.load_config(CONFIRM_CONFIG, "tiny", **{
+        "sample.exclude": str(tmp_path / "gt.json"), "sample.per_bin": 2})
+    ground_truth.check_config(config)
+    sample = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    assert [s["bin"] for s in sample] == [0, 0, 1, 1]
+    assert not {s["arch"] for s in sample} & {s["arch"] for s in excluded}
+    centres = {s["bin"]: s["bin_centre"] for s in excluded}
+    assert all(s["bin_centre"] == centres[s["bin"]] for s in sample)
+    again = ground_truth.cost_stratified_sample(space, config.sample, config.resolution)
+    assert [s["arch"] for s in again] == [s["arch"] for s in sample]
+    record = ground_truth._sample_record(config)
+    assert record["pick_seed"] == 1 and record["exclude"] == str(tmp_path / "gt.json")
+    # Another pick seed, no exclusion: the same centres, picks of its own.
+    other = config_files.load_config(CONFIRM_CONFIG, "tiny", **{"sample.per_bin": 2,
+                                                                "sample.pick_seed": 7})
+    drawn = ground_truth.cost_stratified_sample(space, other.sample, other.resolution)
+    assert all(s["bin_centre"] == centres[s["bin"]] for s in drawn)
+
+
+@pytest.mark.parametrize("overrides,changes,match", [
+    ({"sample.exclude": "missing.json"}, {}, "no such file"),
+    ({}, {"space": "small"}, "space='small'"),
+    ({}, {"resolution": 20}, "config.resolution=16"),
+    ({}, {"pool_size": 300}, "config.sample.pool_size=200"),
+    ({}, {"bin_tolerance": 0.2}, "config.sample.bin_tolerance=0.3"),
+    ({}, {"cost": "params"}, "config.sample.cost='macs'"),
+    ({"sample.pick_seed": -1}, {}, "needs config.sample.pick_seed >= 0"),
+    ({"sample.pick_seed": -2, "sample.exclude": ""}, {}, "pick_seed must be -1"),
+])
+def test_a_bad_exclusion_is_refused_naming_the_field(tmp_path, overrides, changes, match):
+    _tiny_exclude_file(tmp_path / "gt.json", **changes)
+    config = config_files.load_config(CONFIRM_CONFIG, "tiny", **{
+        "sample.exclude": str(tmp_path / "gt.json"), **overrides})
+    with pytest.raises(ValueError, match=re.escape(match)):
+        ground_truth.check_config(config)
+
+
+def test_not_a_ground_truth_file_is_refused(tmp_path):
+    artifacts.write_json(str(tmp_path / "x.json"), {"format_version": 1, "runs": []})
+    config = config_files.load_config(CONFIRM_CONFIG, "tiny",
+                                      **{"sample.exclude": str(tmp_path / "x.json")})
+    with pytest.raises(ValueError, match="is not a ground-truth file"):
+        ground_truth.check_config(config)
+
+
+def test_seed_zero_only_run_order_and_runner_with_fake_training(tmp_path, monkeypatch):
+    order = ground_truth.run_order(num_bins=6, per_bin=3, multi_seed_per_bin=0, num_seeds=3,
+                                   pilot_archs=0)
+    assert sorted(order) == [(a, 0) for a in range(18)]
+    assert len({a % 3 for a, _ in order[:6]}) == 1  # interleaved over the bins
+    calls = []
+
+    def fake_train_one(config, space, arch, index, seed, run_dir, train_data, eval_data, mesh):
+        calls.append((index, seed))
+        return {"arch": index, "seed": seed, "test_accuracy": 0.5 + 0.01 * index,
+                "test_loss": 1.0, "train_loss": 1.0, "steps": 2, "train_time_s": 0.0,
+                "wall_time_s": 0.0, "commit": "x", "machine": "stub"}
+
+    class NoData:  # no dataset is read
+        def __init__(self, *args):
+            pass
+
+        def eval(self):
+            return None
+
+        def train(self, seed):
+            return None
+
+    monkeypatch.setattr(ground_truth, "train_one", fake_train_one)
+    monkeypatch.setattr(ground_truth, "RunData", NoData)
+    _tiny_exclude_file(tmp_path / "gt.json")
+    config = config_files.load_config(CONFIRM_CONFIG, "tiny",
+                                      **{"sample.exclude": str(tmp_path / "gt.json")})
+    out, work = str(tmp_path / "confirm.json"), str(tmp_path / "work")
+    data = ground_truth.run_ground_truth(config, work, out)
+    assert calls == [(0, 0), (1, 0)] and [tuple(o) for o in data["order"]] == calls
+    assert data["pilot"] == {} and data["noise"] == {"archs_with_seeds": 0}
+    assert data["sample"]["record"]["pick_seed"] == 1
+    assert ground_truth.run_ground_truth(config, work, out)["runs"] == data["runs"]
+    assert calls == [(0, 0), (1, 0)]  # resumed: nothing trained again
+    truth = fidelity.GroundTruth.merged([artifacts.read_json(str(tmp_path / "gt.json")),
+                                         artifacts.read_json(out)])
+    assert len(truth) == 2 and np.isnan(truth.seed_sd())
+
+
 def test_seed_noise_pooled_sd_and_quarter_rule():
     runs = [{"arch": 0, "seed": 0, "test_accuracy": 0.80}, {"arch": 0, "seed": 1, "test_accuracy": 0.82},
             {"arch": 1, "seed": 0, "test_accuracy": 0.90}, {"arch": 1, "seed": 1, "test_accuracy": 0.90}]
@@ -287,15 +422,18 @@ def test_updates_per_op_counts_choices_per_layer():
 # ---- the comparison ----------------------------------------------------------------------------
 
 
-def _fake_truth(space_name="tiny"):
+TINY_ENCODINGS = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
+
+
+def _fake_truth(space_name="tiny", encodings=TINY_ENCODINGS, per_bin=4, centres=(1.0, 1.0)):
     space = get_space(space_name)
     archs, runs = [], []
     rng = np.random.default_rng(0)
-    encodings = [[[a], [b, c]] for a in range(2) for b in range(2) for c in range(2)]
     for i, blocks in enumerate(encodings):
-        archs.append({"index": i, "bin": i // 4, "bin_centre": 1.0, "blocks": blocks,
+        archs.append({"index": i, "bin": i // per_bin, "bin_centre": centres[i // per_bin],
+                      "blocks": blocks,
                       **ground_truth.arch_costs(space, Arch.of(blocks), 16, 10)})
-        for seed in (0, 1) if i % 4 == 0 else (0,):
+        for seed in (0, 1) if i % per_bin == 0 else (0,):
             runs.append({"arch": i, "seed": seed,
                          "test_accuracy": 0.5 + 0.01 * i + 0.002 * rng.normal()})
     return {"format_version": 1, "sample": {"record": {"space": space_name, "resolution": 16},
@@ -456,3 +594,61 @@ def test_the_pre_registered_verdict_needs_all_three_conditions():
         fidelity.verdict({"methods": base})
     with pytest.raises(ValueError, match="size baseline"):
         fidelity.verdict({"methods": {fidelity.PRIMARY: passing[fidelity.PRIMARY]}})
+
+
+def test_merged_ground_truths_keep_bins_and_pool_seed_noise_per_file():
+    first = _fake_truth(encodings=TINY_ENCODINGS[:4], per_bin=2, centres=(1.0, 2.0))
+    second = _fake_truth(encodings=TINY_ENCODINGS[4:], per_bin=2, centres=(1.0, 2.0))
+    one, two = fidelity.GroundTruth(first), fidelity.GroundTruth(second)
+    truth = fidelity.GroundTruth.merged([first, second])
+    assert len(truth) == len(one) + len(two) == 8
+    np.testing.assert_array_equal(truth.bins, np.concatenate([one.bins, two.bins]))
+    np.testing.assert_allclose(truth.accuracy, np.concatenate([one.accuracy, two.accuracy]))
+    assert len(set(truth.archs)) == 8 and truth.archs == one.archs + two.archs
+    assert truth.costs["macs"].tolist() == one.costs["macs"].tolist() + two.costs["macs"].tolist()
+    # Seed noise pooled over both files' two-seed architectures (arch 0 of each file: the
+    # runs of different files are not one architecture's).
+    pairs = [[r["test_accuracy"] for r in d["runs"] if r["arch"] == a]
+             for d in (first, second) for a in (0, 2)]
+    assert all(len(p) == 2 for p in pairs) and len(truth.data["runs"]) == 12
+    assert truth.seed_sd() == pytest.approx(np.sqrt(np.mean([np.var(p, ddof=1) for p in pairs])))
+    assert truth.noise_ceiling(num_draws=10)["two_seed_archs"] == 4
+    assert fidelity.GroundTruth.merged([first]).accuracy.tolist() == one.accuracy.tolist()
+    with pytest.raises(ValueError, match="bin centres"):
+        fidelity.GroundTruth.merged([first, _fake_truth(encodings=TINY_ENCODINGS[4:], per_bin=2,
+                                                        centres=(1.0, 2.0 * (1 + 1e-6)))])
+    with pytest.raises(ValueError, match="distinct architectures"):
+        fidelity.GroundTruth.merged([first, first])
+    other = {**second, "sample": {**second["sample"], "record": {"space": "tiny",
+                                                                 "resolution": 20}}}
+    with pytest.raises(ValueError, match="resolution"):
+        fidelity.GroundTruth.merged([first, other])
+    with pytest.raises(ValueError, match="at least one"):
+        fidelity.GroundTruth.merged([])
+
+
+def test_confidence_sets_the_interval_and_the_verdict_refuses_another_alpha():
+    truth = fidelity.GroundTruth(_fake_truth())
+    rng = np.random.default_rng(1)
+    predictions = {"macs": truth.costs["macs"],
+                   fidelity.PRIMARY: truth.accuracy + 0.01 * rng.normal(size=len(truth))}
+    results = {c: fidelity.compare_all(truth, predictions, top_k=2, num_resamples=300,
+                                       num_permutations=50, confidence=c) for c in (0.95, 0.975)}
+    widths = {c: [r["methods"][m][f"{s}_high"] - r["methods"][m][f"{s}_low"]
+                  for m in predictions for s in ("kendall", "spearman", "partial_spearman")]
+              for c, r in results.items()}
+    pairs = [(w95, w975) for w95, w975 in zip(widths[0.95], widths[0.975])
+             if np.isfinite(w95)]  # macs given macs: undefined
+    assert len(pairs) == 5 and all(w975 >= w95 for w95, w975 in pairs)
+    assert sum(w975 for _, w975 in pairs) > sum(w95 for w95, _ in pairs)
+    assert results[0.975]["confidence"] == 0.975
+    for c, r in results.items():  # the point estimates do not depend on the level
+        assert r["methods"]["macs"]["kendall"] == results[0.95]["methods"]["macs"]["kendall"]
+    v = fidelity.verdict(results[0.975], alpha=0.025)
+    assert v["confidence"] == 0.975 and "97.5% interval" in fidelity.render_verdict(v)
+    assert "95% interval" in fidelity.render_verdict(fidelity.verdict(results[0.95]))
+    assert "intervals: 97.5% bootstrap" in fidelity.render_table(results[0.975])
+    with pytest.raises(ValueError, match="confidence 0.95"):
+        fidelity.verdict(results[0.95], alpha=0.025)
+    with pytest.raises(ValueError, match="confidence 0.975"):
+        fidelity.verdict(results[0.975])
