@@ -89,6 +89,9 @@ def main(argv):
     decision = None
     if fidelity.PRIMARY in result["methods"]:
         decision = fidelity.verdict(result, alpha=FLAGS.alpha)
+        decision["kendall_difference"] = fidelity.kendall_difference(
+            truth, predictions[decision["primary"]], predictions[decision["best_size"]],
+            num_resamples=FLAGS.resamples, confidence=1.0 - FLAGS.alpha)
         result["verdict"] = decision
     artifacts.write_json(FLAGS.out, json.loads(json.dumps(result, default=float),
                                                parse_constant=lambda _: None))

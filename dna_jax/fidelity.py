@@ -329,13 +329,32 @@ def verdict(result: Mapping[str, Any], primary: str = PRIMARY, alpha: float = 0.
             "passed": tau_ok and interval_ok and permutation_ok}
 
 
+def kendall_difference(truth: GroundTruth, a: np.ndarray, b: np.ndarray, *,
+                       num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+                       ) -> dict[str, float]:
+    """tau(a) - tau(b) against the truth, with a paired bootstrap interval (the same resampled
+    networks for both), for "does a rank better than b?": two overlapping intervals of the
+    taus alone say little, because both ratings are scored on the same networks."""
+    def difference(t, x, y):
+        return ranking_stats.kendall_tau(x, t) - ranking_stats.kendall_tau(y, t)
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    low, high = ranking_stats.bootstrap_interval(
+        truth.accuracy, a, difference, num_resamples=num_resamples, confidence=confidence,
+        seed=seed, extra=(b,))
+    return {"value": difference(truth.accuracy, a, b), "low": low, "high": high}
+
+
 def render_verdict(v: Mapping[str, Any]) -> str:
     """One line per condition of the pre-registered test."""
     mark = {True: "yes", False: "NO"}
     level = _percent(v.get("confidence", 1.0 - v["alpha"]))
     return (f"Pre-registered test, {v['primary']}: {'PASSED' if v['passed'] else 'NOT PASSED'}\n"
             f"- (a) Kendall tau {v['kendall']:+.3f} >= best size baseline {v['best_size']} "
-            f"{v['best_size_kendall']:+.3f}: {mark[v['tau_at_least_size']]}\n"
+            f"{v['best_size_kendall']:+.3f}: {mark[v['tau_at_least_size']]}"
+            + (f" (paired difference {v['kendall_difference']['value']:+.3f}, {level} interval "
+               f"[{v['kendall_difference']['low']:+.3f}, {v['kendall_difference']['high']:+.3f}])"
+               if v.get("kendall_difference") else "") + "\n"
             f"- (b1) partial Spearman {v['partial_spearman']:+.3f}, {level} interval low end "
             f"{v['partial_spearman_low']:+.3f} > 0: {mark[v['partial_interval_above_zero']]}\n"
             f"- (b2) within-bin permutation p {v['partial_spearman_p']:.3f} < {v['alpha']}: "

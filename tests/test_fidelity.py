@@ -652,3 +652,24 @@ def test_confidence_sets_the_interval_and_the_verdict_refuses_another_alpha():
         fidelity.verdict(results[0.95], alpha=0.025)
     with pytest.raises(ValueError, match="confidence 0.975"):
         fidelity.verdict(results[0.975])
+
+
+def test_kendall_difference_is_paired_and_shown_in_the_verdict():
+    """tau(a) - tau(b) on the same resampled networks: a rating against itself differs by
+    exactly 0 in every resample; a perfect rating beats a noisy one; (a)'s line shows it."""
+    truth = fidelity.GroundTruth(_fake_truth())
+    rng = np.random.default_rng(3)
+    noisy = truth.accuracy + 0.02 * rng.normal(size=len(truth))
+    same = fidelity.kendall_difference(truth, noisy, noisy, num_resamples=200)
+    assert (same["value"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    better = fidelity.kendall_difference(truth, truth.accuracy, noisy, num_resamples=200)
+    assert better["value"] == pytest.approx(
+        1.0 - ranking_stats.kendall_tau(noisy, truth.accuracy))
+    assert 0.0 <= better["low"] <= better["value"] <= better["high"]
+    predictions = {"macs": truth.costs["macs"], fidelity.PRIMARY: noisy}
+    v = fidelity.verdict(fidelity.compare_all(truth, predictions, top_k=2, num_resamples=100,
+                                              num_permutations=20))
+    v["kendall_difference"] = fidelity.kendall_difference(
+        truth, predictions[v["primary"]], predictions[v["best_size"]], num_resamples=100)
+    line = fidelity.render_verdict(v).splitlines()[1]
+    assert line.startswith("- (a)") and "paired difference" in line and "95% interval" in line
