@@ -425,7 +425,22 @@ def test_save_and_load_supernet(tiny, tmp_path):
     other = dict(variables, block1=variables["block0"])
     with pytest.raises(artifact.SupernetCheckpointError, match="does not match.*block1"):
         artifact.load_supernet(directory, other)
+    # A damaged data file that Orbax cannot read either is named by the checksums, not by
+    # Orbax's error (which names no file): the bytes are checked before the restore.
+    import glob
     import shutil
+    backup = str(tmp_path / "backup")
+    shutil.copytree(directory, backup)
+    item = os.path.join(directory, artifact.SUPERNET_ITEM)
+    data = max((p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                if os.path.isfile(p)), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(artifact.SupernetCheckpointError, match="variables .* is corrupt"):
+        artifact.load_supernet(directory, distiller)
+    shutil.rmtree(directory)
+    shutil.copytree(backup, directory)
+    assert artifact.load_supernet(directory, distiller) is not None
     shutil.rmtree(os.path.join(directory, artifact.SUPERNET_ITEM))
     with pytest.raises(artifact.SupernetCheckpointError, match="cannot be restored"):
         artifact.load_supernet(directory, distiller)

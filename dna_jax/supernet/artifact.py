@@ -122,18 +122,21 @@ def load_supernet(directory: str, distiller_or_abstract: Any, mesh: Mesh | None 
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
+    item = os.path.join(directory, SUPERNET_ITEM)
+    # The bytes first (as the teacher and the export do): a flipped byte in a compressed chunk
+    # can also make Orbax fail, with a message that names no file.
+    if files.exists(item):
+        try:
+            integrity.verify(item, manifest.get("checksums"), "the supernet's variables")
+        except integrity.IntegrityError as error:
+            raise SupernetCheckpointError(f"{error}; " + _redo_hint(directory)) from error
     checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = checkpointer.restore(os.path.join(directory, SUPERNET_ITEM), target)
+        restored = checkpointer.restore(item, target)
     except Exception as error:  # Orbax raises many types; all mean "unusable".
         raise SupernetCheckpointError(
             f"the supernet in {directory} cannot be restored ({type(error).__name__}: "
             f"{error}); " + _redo_hint(directory)) from error
     finally:
         checkpointer.close()
-    try:  # it restored: are the bytes the ones written?
-        integrity.verify(os.path.join(directory, SUPERNET_ITEM), manifest.get("checksums"),
-                         "the supernet's variables")
-    except integrity.IntegrityError as error:
-        raise SupernetCheckpointError(f"{error}; " + _redo_hint(directory)) from error
     return restored
