@@ -30,3 +30,43 @@ if _CACHE:
     # a worker can load another's half-written executable and abort (seen: SIGABRT in the
     # tiny pipeline's distillation step while test_progressive compiled the same program).
     jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replaces `ground_truth`'s stand-alone training and its datasets with stubs, for the
+    runners' bookkeeping in seconds: `install(accuracy, check=None)` -> the list of
+    (index, seed) calls, where accuracy(index, seed) is the run's test accuracy and
+    check(config, index, seed, run_dir) sees each call's arguments."""
+    from dna_jax import ground_truth  # pylint: disable=import-outside-toplevel
+
+    def install(accuracy, check=None):
+        calls = []
+
+        def fake_train_one(config, space, arch, index, seed, run_dir, train_data, eval_data,
+                           mesh):
+            if check is not None:
+                check(config, index, seed, run_dir)
+            calls.append((index, seed))
+            return {"arch": index, "seed": seed, "test_accuracy": accuracy(index, seed),
+                    "test_loss": 1.0, "train_loss": 1.0, "steps": 2, "train_time_s": 0.0,
+                    "wall_time_s": 0.0, "commit": "x", "machine": "stub"}
+
+        class NoData:  # no dataset is read
+            def __init__(self, *args):
+                pass
+
+            def eval(self):
+                return None
+
+            def train(self, seed):
+                return None
+
+        monkeypatch.setattr(ground_truth, "train_one", fake_train_one)
+        monkeypatch.setattr(ground_truth, "RunData", NoData)
+        return calls
+
+    return install

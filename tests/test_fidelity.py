@@ -334,31 +334,12 @@ def test_not_a_ground_truth_file_is_refused(tmp_path):
         ground_truth.check_config(config)
 
 
-def test_seed_zero_only_run_order_and_runner_with_fake_training(tmp_path, monkeypatch):
+def test_seed_zero_only_run_order_and_runner_with_fake_training(tmp_path, fake_training):
     order = ground_truth.run_order(num_bins=6, per_bin=3, multi_seed_per_bin=0, num_seeds=3,
                                    pilot_archs=0)
     assert sorted(order) == [(a, 0) for a in range(18)]
     assert len({a % 3 for a, _ in order[:6]}) == 1  # interleaved over the bins
-    calls = []
-
-    def fake_train_one(config, space, arch, index, seed, run_dir, train_data, eval_data, mesh):
-        calls.append((index, seed))
-        return {"arch": index, "seed": seed, "test_accuracy": 0.5 + 0.01 * index,
-                "test_loss": 1.0, "train_loss": 1.0, "steps": 2, "train_time_s": 0.0,
-                "wall_time_s": 0.0, "commit": "x", "machine": "stub"}
-
-    class NoData:  # no dataset is read
-        def __init__(self, *args):
-            pass
-
-        def eval(self):
-            return None
-
-        def train(self, seed):
-            return None
-
-    monkeypatch.setattr(ground_truth, "train_one", fake_train_one)
-    monkeypatch.setattr(ground_truth, "RunData", NoData)
+    calls = fake_training(lambda index, seed: 0.5 + 0.01 * index)
     _tiny_exclude_file(tmp_path / "gt.json")
     config = config_files.load_config(CONFIRM_CONFIG, "tiny",
                                       **{"sample.exclude": str(tmp_path / "gt.json")})

@@ -146,29 +146,12 @@ def test_config_checks_name_the_field(tmp_path):
 
 
 def test_runner_resumes_from_the_file_and_refuses_changes_with_fake_training(tmp_path,
-                                                                              monkeypatch):
+                                                                              fake_training):
     """The runner's bookkeeping in seconds: training replaced by a stub that counts calls."""
-    calls = []
-
-    def fake_train_one(config, space, arch, index, seed, run_dir, train_data, eval_data, mesh):
-        calls.append((index, seed))
+    def check(config, index, seed, run_dir):
         assert run_dir.endswith(f"c{index:02d}_s{seed}") and "standalone" in config
-        return {"arch": index, "seed": seed, "test_accuracy": 0.5 + 0.01 * index + 0.001 * seed,
-                "test_loss": 1.0, "train_loss": 1.0, "steps": 2, "train_time_s": 0.0,
-                "wall_time_s": 0.0, "commit": "x", "machine": "stub"}
 
-    class NoData:  # no dataset is read
-        def __init__(self, *args):
-            pass
-
-        def eval(self):
-            return None
-
-        def train(self, seed):
-            return None
-
-    monkeypatch.setattr(ground_truth, "train_one", fake_train_one)
-    monkeypatch.setattr(ground_truth, "RunData", NoData)
+    calls = fake_training(lambda index, seed: 0.5 + 0.01 * index + 0.001 * seed, check)
     tables = _tiny_tables(tmp_path / "tables")
     config = _tiny_config(tables)
     out, work = str(tmp_path / "effect.json"), str(tmp_path / "work")
