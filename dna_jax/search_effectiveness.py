@@ -57,7 +57,20 @@ the two nets' seeds; against the random nets they are the DNA net's seeds and th
 mean accuracies (the net is the unit that was drawn, so the interval covers the spread between
 random nets, not only seed noise). An interval needs >= 2 values on each side with some
 spread; otherwise its fields are null with the reason. With 2 seeds the t-interval has about
-1-2 degrees of freedom and is wide: it is what 2 seeds can say.
+1-2 degrees of freedom and is wide: it is what 2 seeds can say on their own.
+
+`pooled` (the comparisons to read): seed noise is a property of the recipe, not of one
+network, so its SD is pooled over every contender with >= 2 seeds (the within-network mean
+square: with 10 networks x 2 seeds, 10 degrees of freedom instead of Welch's 1-2), assuming it
+is the same for every network (the ground truth's 6 networks x 3 seeds are consistent with
+it: per-network SDs 0.11-0.30 points, each on 2 degrees of freedom). Per budget: each DNA role minus `size`, SE = SD x sqrt(1/n1 + 1/n2), t with the pooled
+df (a difference of 0 and no noise where they are the same network). Over budgets, the mean of
+the per-budget differences: minus `size` (the same pooled noise), and minus the random nets,
+where the drawn net is the unit: the between-random-net variance of their mean accuracies,
+pooled over budgets (df = sum of nets - 1), enters beside the DNA nets' seed noise, with
+Welch-Satterthwaite df. `half_width` is what the design can resolve. The file's statistics are
+recomputed from its runs by the running code (also when every run is done), so a file written
+by older code is brought up to date without training.
 """
 
 from __future__ import annotations
@@ -441,6 +454,100 @@ def summarize(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
     return out
 
 
+def pooled_seed_sd(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The seed-to-seed SD pooled over every network with >= 2 seeds (one-way ANOVA's
+    within-network mean square: sum of squared deviations from each network's mean over
+    sum of (seeds - 1)), its degrees of freedom and how many networks gave it."""
+    accuracies: dict[int, list[float]] = {}
+    for r in runs:
+        accuracies.setdefault(r["arch"], []).append(float(r["test_accuracy"]))
+    groups = [np.asarray(v) for v in accuracies.values() if len(v) > 1]
+    df = int(sum(len(g) - 1 for g in groups))
+    ss = float(sum(np.sum((g - g.mean()) ** 2) for g in groups))
+    return {"sd": float(np.sqrt(ss / df)) if df else None, "df": df, "nets": len(groups)}
+
+
+def _t_interval(difference: float, terms: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """difference +- t x SE, where SE^2 = sum of variance terms, each (variance, df); the
+    degrees of freedom by Welch-Satterthwaite (one term: its own df)."""
+    from scipy import stats  # pylint: disable=import-outside-toplevel
+    var = float(sum(v for v, _ in terms))
+    out: dict[str, Any] = {"difference": float(difference)}
+    if var <= 0.0:
+        out.update(ci95=None, se=0.0, df=None, reason="no variance (the same network?)")
+        return out
+    df = var ** 2 / sum(v ** 2 / d for v, d in terms if v > 0)
+    half = float(stats.t.ppf(0.975, df)) * np.sqrt(var)
+    out.update(ci95=[float(difference - half), float(difference + half)],
+               se=float(np.sqrt(var)), df=float(df), half_width=float(half))
+    return out
+
+
+def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
+                       ) -> dict[str, Any]:
+    """The comparisons with the seed noise pooled over every network (see the module
+    docstring): per budget each DNA role minus `size`, and over all budgets (the mean of the
+    per-budget differences) minus `size` and minus the random nets. Null with a reason until
+    every budget has the runs it needs."""
+    noise = pooled_seed_sd(runs)
+    out: dict[str, Any] = {
+        "seed_sd": noise,
+        "method": ("seed noise pooled over every contender with >= 2 seeds (assumed equal for "
+                   "all networks of the recipe); t intervals, Welch-Satterthwaite df where "
+                   "the between-random-net variance enters"),
+        "per_budget": [], "over_budgets": {}}
+    accuracies: dict[int, list[float]] = {}
+    for r in runs:
+        accuracies.setdefault(r["arch"], []).append(float(r["test_accuracy"]))
+    sd, df = noise["sd"], noise["df"]
+    dna_roles = [role for role in budgets[0]["picks"] if role.startswith(DNA)] if budgets else []
+    for role in dna_roles:
+        vs_size, vs_random, complete = [], [], True
+        for budget in budgets:
+            picks = budget["picks"]
+            own, size = accuracies.get(picks[role], []), accuracies.get(picks[SIZE], [])
+            randoms = [accuracies.get(i, []) for r, i in picks.items() if r.startswith(RANDOM)]
+            if not own or not size or sd is None or any(not r for r in randoms):
+                complete = False
+                continue
+            same = picks[role] == picks[SIZE]
+            d_size = 0.0 if same else float(np.mean(own) - np.mean(size))
+            var_size = 0.0 if same else sd ** 2 * (1 / len(own) + 1 / len(size))
+            entry = _t_interval(d_size, [(var_size, df)])
+            out["per_budget"].append({"budget": budget["budget"], "role": role,
+                                      f"{role}_minus_size": entry, "same_network": same})
+            vs_size.append((d_size, var_size))
+            means = [float(np.mean(r)) for r in randoms]
+            vs_random.append((float(np.mean(own) - np.mean(means)), len(own), means))
+        if not complete or not vs_size:
+            out["over_budgets"][f"{role}_minus_size"] = {
+                "difference": None, "reason": "needs every budget's dna and size runs and "
+                                              "a pooled seed SD"}
+            out["over_budgets"][f"{role}_minus_random"] = dict(
+                out["over_budgets"][f"{role}_minus_size"])
+            continue
+        b = len(vs_size)
+        out["over_budgets"][f"{role}_minus_size"] = _t_interval(
+            float(np.mean([d for d, _ in vs_size])), [(sum(v for _, v in vs_size) / b ** 2, df)])
+        # Random nets: the drawn net is the unit, so their spread (between-net variance of
+        # their means, pooled over budgets) enters beside the DNA net's seed noise.
+        between_df = sum(len(m) - 1 for _, _, m in vs_random)
+        if between_df < 1:
+            out["over_budgets"][f"{role}_minus_random"] = {
+                "difference": float(np.mean([d for d, _, _ in vs_random])),
+                "ci95": None, "reason": "needs >= 2 random nets at some budget"}
+            continue
+        between = sum(float(np.var(m, ddof=1)) * (len(m) - 1)
+                      for _, _, m in vs_random if len(m) > 1) / between_df
+        entry = _t_interval(
+            float(np.mean([d for d, _, _ in vs_random])),
+            [(sum(sd ** 2 / n for _, n, _ in vs_random) / b ** 2, df),
+             (sum(between / len(m) for _, _, m in vs_random) / b ** 2, between_df)])
+        entry["between_net_sd"] = float(np.sqrt(between))
+        out["over_budgets"][f"{role}_minus_random"] = entry
+    return out
+
+
 # ---- the runs ----------------------------------------------------------------------------------
 
 
@@ -540,6 +647,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
         done.add((index, seed))
         trained += 1
         data["summary"] = summarize(data["budgets"], data["runs"])
+        data["pooled"] = pooled_comparisons(data["budgets"], data["runs"])
         data["progress"] = {"runs_done": len(data["runs"]), "runs_planned": len(data["order"])}
         if jax.process_index() == 0:
             artifacts.write_json(out, data)
@@ -548,6 +656,16 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
                     out, f"search effectiveness: contender {index} ({roles}) seed {seed} "
                          f"({len(data['runs'])}/{len(data['order'])} runs, test accuracy "
                          f"{result['test_accuracy']:.4f})")
+    # A file made by older code gets this code's statistics (the runs are the data).
+    summary = summarize(data["budgets"], data["runs"])
+    pooled = pooled_comparisons(data["budgets"], data["runs"])
+    if data["runs"] and (data["summary"] != summary or data.get("pooled") != pooled):
+        data["summary"], data["pooled"] = summary, pooled
+        if jax.process_index() == 0:
+            artifacts.write_json(out, data)
+            if commit:
+                ground_truth.commit_file(out, "search effectiveness: the statistics "
+                                              "recomputed from the runs by this code")
     return data
 
 
@@ -593,7 +711,8 @@ def main(argv: Sequence[str]) -> None:
                           command=" ".join(sys.argv))
     print(metrics_lib.final_line({"runs_done": len(data["runs"]),
                                   "runs_planned": len(data["order"]),
-                                  "summary": data["summary"], "out": os.path.abspath(f.out)}),
+                                  "summary": data["summary"], "pooled": data.get("pooled"),
+                                  "out": os.path.abspath(f.out)}),
           flush=True)
 
 

@@ -136,6 +136,54 @@ def test_summary_statistics_on_hand_made_runs():
     assert empty["differences"]["dna_minus_size"]["difference"] is None
 
 
+def test_pooled_comparisons_use_every_networks_seed_noise():
+    from scipy import stats
+    budgets = [{"budget": 1.0, "picks": {"dna": 0, "size": 1, "random0": 2, "random1": 3}},
+               {"budget": 2.0, "picks": {"dna": 4, "size": 4, "random0": 5, "random1": 6}}]
+    acc = {0: [0.90, 0.91], 1: [0.88, 0.89], 2: [0.87], 3: [0.86], 4: [0.92, 0.90],
+           5: [0.88], 6: [0.91]}
+    runs = [{"arch": a, "seed": s, "test_accuracy": v}
+            for a, vals in acc.items() for s, v in enumerate(vals)]
+    pooled = se.pooled_comparisons(budgets, runs)
+    # three networks with 2 seeds: df 3; the SD is Student's pooled SD of those three
+    residuals = np.concatenate([np.asarray(acc[a]) - np.mean(acc[a]) for a in (0, 1, 4)])
+    assert pooled["seed_sd"]["df"] == 3 and pooled["seed_sd"]["nets"] == 3
+    assert pooled["seed_sd"]["sd"] == pytest.approx(np.sqrt(np.sum(residuals ** 2) / 3))
+    # per budget: with the pooled SD and its df, the interval Student's t-test would give if
+    # the third network's seeds were part of the comparison's noise estimate
+    first = pooled["per_budget"][0]["dna_minus_size"]
+    sd = pooled["seed_sd"]["sd"]
+    half = stats.t.ppf(0.975, 3) * sd * np.sqrt(1 / 2 + 1 / 2)
+    assert first["difference"] == pytest.approx(0.02)
+    assert first["ci95"] == pytest.approx([0.02 - half, 0.02 + half])
+    # two networks only: exactly Student's two-sample interval (scipy, equal_var=True)
+    two = se.pooled_comparisons(budgets[:1], [r for r in runs if r["arch"] in (0, 1, 2, 3)])
+    ci = stats.ttest_ind(acc[0], acc[1], equal_var=True).confidence_interval()
+    assert two["per_budget"][0]["dna_minus_size"]["ci95"] == pytest.approx([ci.low, ci.high])
+    # the same network at budget 2: a difference of 0 with no noise, averaged in
+    assert pooled["per_budget"][1]["same_network"] is True
+    over = pooled["over_budgets"]["dna_minus_size"]
+    assert over["difference"] == pytest.approx(0.01)
+    half = stats.t.ppf(0.975, 3) * np.sqrt(sd ** 2 * (1 / 2 + 1 / 2) / 4)
+    assert over["ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    # random nets: the drawn nets' spread enters (Welch-Satterthwaite over the two terms)
+    vs_random = pooled["over_budgets"]["dna_minus_random"]
+    d = np.mean([0.905 - 0.865, 0.91 - 0.895])
+    between = (np.var([0.87, 0.86], ddof=1) + np.var([0.88, 0.91], ddof=1)) / 2
+    v1, v2 = (sd ** 2 / 2) * 2 / 4, (between / 2) * 2 / 4
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 3 + v2 ** 2 / 2)
+    half = stats.t.ppf(0.975, df) * np.sqrt(v1 + v2)
+    assert vs_random["difference"] == pytest.approx(d)
+    assert vs_random["df"] == pytest.approx(df)
+    assert vs_random["ci95"] == pytest.approx([d - half, d + half])
+    assert vs_random["between_net_sd"] == pytest.approx(np.sqrt(between))
+    # a budget without its runs: no over-budget number is made up
+    partial = se.pooled_comparisons(budgets, [r for r in runs if r["arch"] != 6])
+    assert partial["over_budgets"]["dna_minus_size"]["difference"] is None
+    assert "reason" in partial["over_budgets"]["dna_minus_random"]
+    assert se.pooled_comparisons(budgets, [])["seed_sd"]["sd"] is None
+
+
 def test_config_checks_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="num_seeds"):
         se.check_config(_tiny_config("x", num_seeds=1))
@@ -166,6 +214,14 @@ def test_runner_resumes_from_the_file_and_refuses_changes_with_fake_training(tmp
         assert set(entry["roles"]) == set(budget["picks"])
         assert all(r["n"] == config.num_seeds for r in entry["roles"].values())
         assert entry["differences"]["dna_minus_random"]["ci95"] is not None
+    assert data["pooled"] == se.pooled_comparisons(data["budgets"], data["runs"])
+    assert data["pooled"]["over_budgets"]["dna_minus_size"]["difference"] is not None
+    # a file whose statistics an older code wrote gets this code's, without training
+    stale = artifacts.read_json(out)
+    del stale["pooled"]
+    artifacts.write_json(out, stale)
+    assert se.run_experiment(config, work, out)["pooled"] == data["pooled"]
+    assert artifacts.read_json(out)["pooled"] == data["pooled"] and calls == planned
     with pytest.raises(ValueError, match="another config"):
         se.run_experiment(_tiny_config(tables, **{"contenders.seed": 1}), work, out)
     _tiny_tables(tmp_path / "tables", seed=2)
