@@ -3,6 +3,7 @@ r"""Search effectiveness: does the DNA winner beat the biggest net, and random n
     python -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
         --workdir workdir/fmnist28_search_effectiveness \
         --out results/fmnist28_search_effectiveness.json [--commit] [--max_runs N] [--plan_only]
+    python -m dna_jax.search_effectiveness --config ... --report results/fmnist28_search_effectiveness.json
 
 Issue 19, item 6. At each budget of `config.budgets` (in `config.cost`, multiply-adds), the
 CONTENDERS are:
@@ -691,6 +692,54 @@ def render_plan(planned: dict[str, Any], config: ml_collections.ConfigDict) -> s
     return "\n".join(lines)
 
 
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    if entry.get("difference") is None:
+        return f"n/a ({entry.get('reason', 'no runs')})"
+    text = _pct(entry["difference"], signed=True)
+    if entry.get("ci95"):
+        lo, hi = entry["ci95"]
+        text += f" [{_pct(lo, True)}, {_pct(hi, True)}]"
+    elif entry.get("same_network"):
+        text += " (the same network)"
+    return text
+
+
+def render_results(data: dict[str, Any]) -> str:
+    """The file as markdown (accuracies in points): per budget each role's network, cost,
+    DNA objective and test accuracy mean / SD / seeds; then the pooled comparisons."""
+    lines = [f"Search effectiveness: {len(data['runs'])} of {len(data['order'])} runs "
+             "(test accuracy in %, mean and SD over seeds).", ""]
+    for entry, budget in zip(data["summary"], data["budgets"]):
+        lines += [f"Budget {budget['budget']:,.0f} multiply-adds:", "",
+                  "| role | contender | macs | DNA objective | accuracy | SD | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for role, stats_ in entry["roles"].items():
+            c = data["contenders"][stats_["contender"]]
+            lines.append(f"| {role} | #{stats_['contender']} | {c['macs']:,} | "
+                         f"{c['dna'][DNA]['dna_objective']:.4f} | {_pct(stats_['mean'])} | "
+                         f"{_pct(stats_['sd'])} | {stats_['n']} |")
+        lines.append("")
+    pooled = data.get("pooled")
+    if pooled:
+        noise = pooled["seed_sd"]
+        lines += [f"Seed SD pooled over {noise['nets']} networks: {_pct(noise['sd'])} points "
+                  f"({noise['df']} df). Differences in points, 95% t intervals:", "",
+                  "| comparison | difference |", "|---|---|"]
+        for item in pooled["per_budget"]:
+            key = f"{item['role']}_minus_size"
+            lines.append(f"| {key} at {item['budget']:,.0f} | "
+                         f"{_interval({**item[key], 'same_network': item['same_network']})} |")
+        for key, entry in pooled["over_budgets"].items():
+            lines.append(f"| **{key}, over budgets** | {_interval(entry)} |")
+    return "\n".join(lines)
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 
@@ -704,6 +753,12 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if f.plan_only:
         print(render_plan(plan(f.config), f.config), flush=True)
+        return
+    if f.report:
+        data = ground_truth.load_file(f.report)
+        if data is None:
+            raise ValueError(f"--report: no file at {f.report}")
+        print(render_results(data), flush=True)
         return
     if not f.workdir or not f.out:
         raise ValueError("--workdir and --out are required (or --plan_only)")
@@ -728,6 +783,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_bool("commit", False, "git-commit the JSON file after every finished run.")
     flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0 = all).")
     flags.DEFINE_bool("plan_only", False, "Print the contenders and train nothing.")
+    flags.DEFINE_string("report", None, "Print this results file as markdown; train nothing.")
     flags.mark_flags_as_required(["config"])
     host_memory.keep_freed_memory()  # before JAX starts its CPU threads
     app.run(main, argv=sys.argv if argv is None else ["dna_jax.search_effectiveness", *argv])

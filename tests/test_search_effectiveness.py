@@ -222,6 +222,12 @@ def test_runner_resumes_from_the_file_and_refuses_changes_with_fake_training(tmp
     artifacts.write_json(out, stale)
     assert se.run_experiment(config, work, out)["pooled"] == data["pooled"]
     assert artifacts.read_json(out)["pooled"] == data["pooled"] and calls == planned
+    report = se.render_results(data)
+    first_dna = data["summary"][0]["roles"]["dna"]
+    assert f"| dna | #{first_dna['contender']} |" in report
+    assert f"{100 * first_dna['mean']:.2f}" in report
+    over = data["pooled"]["over_budgets"]["dna_minus_size"]
+    assert f"{100 * over['difference']:+.2f}" in report and "over budgets" in report
     with pytest.raises(ValueError, match="another config"):
         se.run_experiment(_tiny_config(tables, **{"contenders.seed": 1}), work, out)
     _tiny_tables(tmp_path / "tables", seed=2)
