@@ -12,7 +12,8 @@ p-value is compared with alpha. `--rate_dir NAME=DIR` may be repeated (e.g. a se
 the same supernet in BatchNorm 'batch' mode, or a DNA++ rating); each adds
 `NAME[<metric>,<aggregation>]` rows. `--arch_scores NAME=FILE` (repeatable) adds a
 per-architecture rating, e.g. SPOS's (`python -m dna_jax.spos_scores`). Size (macs,
-effective_macs, params, dna_flops), SynFlow and a seeded random score are always compared.
+effective_macs, params, dna_flops), shape (depth, mean_expansion, mean_kernel: exploratory),
+SynFlow and a seeded random score are always compared.
 Works on a partial ground truth (the architectures trained so far). Writes the JSON (every
 statistic with its bootstrap interval at 1 - alpha, the noise ceiling, the files and alpha), a
 markdown table beside it (`.md`) and a plot (`.png`); the last output line is one JSON object
@@ -58,6 +59,7 @@ def main(argv):
         raise SystemExit(f"{', '.join(FLAGS.ground_truth)}: {len(truth)} architectures trained "
                          f"so far, fewer than --min_archs={FLAGS.min_archs}")
     predictions = dict(truth.costs)
+    predictions.update(fidelity.shape_features(truth.space, truth.archs))
     predictions["synflow"] = fidelity.synflow_scores(truth.space, truth.archs, truth.resolution)
     predictions["random"] = np.random.default_rng(0).normal(size=len(truth))
     for item in FLAGS.rate_dir:

@@ -16,6 +16,10 @@ Methods (each oriented so that higher = predicted better; see ranking_stats):
     candidates first), `rank` (each block's scores replaced by their rank among its
     candidates, as a fraction).
   macs, effective_macs (padding taps excluded), params, dna_flops: size (bigger = better).
+  depth, mean_expansion, mean_kernel: the searched layers' shape (identity ops excluded: how
+    many layers, their mean expansion ratio and mean depthwise kernel; bigger = better, the
+    size convention), exploratory baselines added after the pre-registered test (see
+    `shape_features`): is what a rating says beyond size something a hand-made feature says?
   synflow: the zero-cost proxy of Tanaka et al. 2020 on the randomly initialised child
     network (sum |theta * dR/dtheta|, R the summed output for an all-ones input with |theta|).
   random: a seeded random score (what chance looks like at this sample size).
@@ -210,6 +214,25 @@ def dna_predictions(tables: Sequence[Mapping[str, Any]], archs: Sequence[Arch]
                     total[a] += column[row]
             out[f"dna[{metric},{aggregation}]"] = -total
     return out
+
+
+def shape_features(space: SearchSpace, archs: Sequence[Arch]) -> dict[str, np.ndarray]:
+    """Per architecture: `depth` (searched layers that are not the identity op),
+    `mean_expansion` and `mean_kernel` (over those layers).
+
+    Cheap, hand-made descriptors of where a network spends its multiply-adds (deep or wide,
+    big kernels or not). They are not in `SIZE_METHODS`: the pre-registered test compares
+    against size alone, and these were added afterwards as exploratory rows.
+    """
+    depth, expansion, kernel = [], [], []
+    for arch in archs:
+        layers = [layer for stage in space.to_network_spec(arch).stages[1:] for layer in stage]
+        depth.append(len(layers))
+        expansion.append(float(np.mean([layer.expansion for layer in layers])))
+        kernel.append(float(np.mean([layer.kernel for layer in layers])))
+    return {"depth": np.asarray(depth, np.float64),
+            "mean_expansion": np.asarray(expansion, np.float64),
+            "mean_kernel": np.asarray(kernel, np.float64)}
 
 
 def synflow_scores(space: SearchSpace, archs: Sequence[Arch], resolution: int,

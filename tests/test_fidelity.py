@@ -243,6 +243,33 @@ def test_run_order_pilot_first_then_stratified_then_extra_seeds():
 CONFIRM_CONFIG = os.path.join(REPO, "configs", "fmnist28_ground_truth_confirm.py")
 
 
+def test_shape_features_read_the_child_network_without_identity_ops():
+    """Checked against the committed ground truth's block strings, parsed here by hand."""
+    committed = artifacts.read_json(os.path.join(REPO, "results", "fmnist28_ground_truth.json"))
+    space = get_space("fmnist28")
+    archs = committed["sample"]["archs"][:8]
+    features = fidelity.shape_features(space, [Arch.of(a["blocks"]) for a in archs])
+    for i, a in enumerate(archs):
+        layers = [(int(re.search(r"_r(\d+)", s).group(1)), int(re.search(r"_k(\d+)", s).group(1)),
+                   int(re.search(r"_e(\d+)", s).group(1)))
+                  for stage in a["block_strings"][1:] for s in stage]
+        repeats = [r for r, _, _ in layers]
+        assert features["depth"][i] == sum(repeats)
+        assert features["mean_kernel"][i] == pytest.approx(
+            np.average([k for _, k, _ in layers], weights=repeats))
+        assert features["mean_expansion"][i] == pytest.approx(
+            np.average([e for _, _, e in layers], weights=repeats))
+    # identity ops are not layers: the same first block with and without them
+    first = Arch.of(archs[0]["blocks"])
+    skip = space.skip_index
+    deeper = [list(b) for b in first.blocks]
+    assert skip in deeper[0] or skip in deeper[1] or skip in deeper[2]
+    full = [[op if op != skip else 0 for op in b] for b in deeper]
+    both = fidelity.shape_features(space, [first, Arch.of(full)])
+    missing = sum(op == skip for b in deeper for op in b)
+    assert both["depth"][1] - both["depth"][0] == missing
+
+
 def test_the_committed_ground_truth_is_still_drawn_and_the_confirmation_sample_is_new():
     """The new sample fields change nothing for the committed file (its record and its 36
     architectures); the confirmation sample is 3 new architectures in each of its 6 bins."""
