@@ -13,7 +13,8 @@ the same supernet in BatchNorm 'batch' mode, or a DNA++ rating); each adds
 `NAME[<metric>,<aggregation>]` rows. `--arch_scores NAME=FILE` (repeatable) adds a
 per-architecture rating, e.g. SPOS's (`python -m dna_jax.spos_scores`). Size (macs,
 effective_macs, params, dna_flops), shape (depth, mean_expansion, mean_kernel: exploratory),
-SynFlow and a seeded random score are always compared.
+SynFlow and a seeded random score are always compared. `--beyond macs,mean_expansion` (the
+default; exploratory) adds every rating's partial Spearman given those predictions together.
 Works on a partial ground truth (the architectures trained so far). Writes the JSON (every
 statistic with its bootstrap interval at 1 - alpha, the noise ceiling, the files and alpha), a
 markdown table beside it (`.md`) and a plot (`.png`); the last output line is one JSON object
@@ -45,6 +46,8 @@ flags.DEFINE_integer("permutations", 2000, "Permutations of the within-bin test 
 flags.DEFINE_integer("min_archs", 6, "Refuse to compare fewer trained architectures.")
 flags.DEFINE_float("alpha", 0.05, "The pre-registered test's level: bootstrap intervals at "
                    "1 - alpha, permutation p-value below alpha.")
+flags.DEFINE_list("beyond", ["macs", "mean_expansion"], "Exploratory: every rating's partial "
+                  "Spearman given these predictions together ('' = none).")
 flags.mark_flags_as_required(["ground_truth", "out"])
 FLAGS = flags.FLAGS
 
@@ -95,11 +98,18 @@ def main(argv):
             truth, predictions[decision["primary"]], predictions[decision["best_size"]],
             num_resamples=FLAGS.resamples, confidence=1.0 - FLAGS.alpha)
         result["verdict"] = decision
+    controls = [c for c in FLAGS.beyond if c]
+    if controls:
+        result["beyond"] = fidelity.beyond_controls(
+            truth, predictions, controls, num_resamples=FLAGS.resamples,
+            confidence=1.0 - FLAGS.alpha)
     artifacts.write_json(FLAGS.out, json.loads(json.dumps(result, default=float),
                                                parse_constant=lambda _: None))
     text = fidelity.render_table(result)
     if decision is not None:
         text = fidelity.render_verdict(decision) + "\n" + text
+    if "beyond" in result:
+        text += "\n" + fidelity.render_beyond(result["beyond"])
     artifacts.write_text(f"{base}.md", text)
     shown = [m for m in ("macs", "synflow", fidelity.PRIMARY, "dna[mse_var,rank]")
              if m in predictions]

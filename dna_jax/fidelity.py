@@ -310,6 +310,48 @@ def compare_all(truth: GroundTruth, predictions: Mapping[str, np.ndarray], *, to
             "noise": truth.noise_ceiling(seed=seed), "methods": methods}
 
 
+def beyond_controls(truth: GroundTruth, predictions: Mapping[str, np.ndarray],
+                    controls: Sequence[str], *, num_resamples: int = 1000, seed: int = 0,
+                    confidence: float = 0.95) -> dict[str, Any]:
+    """What each rating says beyond SEVERAL controls (exploratory): partial Spearman with
+    accuracy given every prediction named in `controls` at once (e.g. macs and
+    mean_expansion: size and the shape feature that ranks best), with a paired bootstrap
+    interval. Rows: every prediction that is not a control, DNA rows in the `sum`
+    aggregation only (the other aggregations move with it)."""
+    for name in controls:
+        if name not in predictions:
+            raise ValueError(f"control {name!r} is not a prediction (have: "
+                             f"{', '.join(sorted(predictions))})")
+    columns = [np.asarray(predictions[name], np.float64) for name in controls]
+
+    def statistic(t, p, *c):
+        return ranking_stats.partial_spearman(t, p, np.stack(c, axis=1))
+
+    rows = {}
+    for name, prediction in predictions.items():
+        if name in controls or ("[" in name and not name.endswith(",sum]")):
+            continue
+        value = statistic(truth.accuracy, prediction, *columns)
+        low, high = ranking_stats.bootstrap_interval(
+            truth.accuracy, prediction, statistic, num_resamples=num_resamples,
+            confidence=confidence, seed=seed, extra=columns)
+        rows[name] = {"partial_spearman": value, "partial_spearman_low": low,
+                      "partial_spearman_high": high}
+    return {"controls": list(controls), "confidence": confidence, "methods": rows}
+
+
+def render_beyond(beyond: Mapping[str, Any]) -> str:
+    lines = [f"Exploratory: partial Spearman given {' and '.join(beyond['controls'])} "
+             f"({_percent(beyond['confidence'])} bootstrap)", "",
+             "| method | partial Spearman |", "|---|---|"]
+    for name, row in beyond["methods"].items():
+        value = row["partial_spearman"]
+        lines.append(f"| {name} | " + ("n/a" if not np.isfinite(value) else
+                     f"{value:+.2f} [{row['partial_spearman_low']:+.2f}, "
+                     f"{row['partial_spearman_high']:+.2f}]") + " |")
+    return "\n".join(lines) + "\n"
+
+
 PRIMARY = "dna[cl_loss,sum]"  # the pre-registered test (README "Does the rating work?")
 
 

@@ -57,15 +57,19 @@ def partial_spearman(x, y, control) -> float:
     """Spearman correlation of x and y with `control` partialled out: the Pearson correlation
     of the residuals of rank(x) and rank(y) after a least-squares fit on rank(control). With
     control = cost it asks what a rating says about accuracy BEYOND size (any monotone
-    transform of the cost, e.g. log, gives the same value). NaN if undefined."""
+    transform of the cost, e.g. log, gives the same value). `control` may also be [n, k]: k
+    controls, each ranked, fitted together. NaN if undefined."""
     x, y = _pair(x, y)
-    c = np.asarray(control, np.float64).reshape(-1)
-    if c.shape != x.shape:
-        raise ValueError(f"control has shape {c.shape}, expected {x.shape}")
+    c = np.asarray(control, np.float64)
+    c = c.reshape(-1, 1) if c.ndim == 1 else c
+    if c.ndim != 2 or c.shape[0] != x.shape[0]:
+        raise ValueError(f"control has shape {c.shape}, expected ({x.shape[0]},) or "
+                         f"({x.shape[0]}, k)")
     if _constant(x) or _constant(y):
         return float("nan")
-    rx, ry, rc = (stats.rankdata(v) for v in (x, y, c))
-    design = np.stack([np.ones_like(rc), rc], axis=1)
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    rc = np.stack([stats.rankdata(column) for column in c.T], axis=1)
+    design = np.concatenate([np.ones((len(rx), 1)), rc], axis=1)
     residual = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in (rx, ry)]
     if min(np.std(r) for r in residual) < 1e-12:
         return float("nan")

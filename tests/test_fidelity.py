@@ -45,6 +45,29 @@ def test_partial_spearman_removes_what_size_explains():
     assert ranking_stats.partial_spearman(accuracy, rating, np.log(cost)) == pytest.approx(partial)
 
 
+def test_partial_spearman_with_several_controls_equals_the_precision_matrix_formula():
+    rng = np.random.default_rng(1)
+    cost, width = rng.uniform(1, 10, size=40), rng.normal(size=40)
+    accuracy = np.log(cost) + width + 0.5 * rng.normal(size=40)
+    rating = width + cost + rng.normal(size=40)
+    # independent route: -P_xy / sqrt(P_xx P_yy), P the inverse of the ranks' correlations
+    ranks = np.stack([stats_rank(v) for v in (accuracy, rating, cost, width)])
+    precision = np.linalg.inv(np.corrcoef(ranks))
+    expected = -precision[0, 1] / np.sqrt(precision[0, 0] * precision[1, 1])
+    two = ranking_stats.partial_spearman(accuracy, rating, np.stack([cost, width], axis=1))
+    assert two == pytest.approx(expected)
+    # one control as a column is the one-control statistic
+    assert ranking_stats.partial_spearman(accuracy, rating, cost[:, None]) == pytest.approx(
+        ranking_stats.partial_spearman(accuracy, rating, cost))
+    with pytest.raises(ValueError, match="control has shape"):
+        ranking_stats.partial_spearman(accuracy, rating, np.ones((39, 2)))
+
+
+def stats_rank(values):
+    from scipy import stats
+    return stats.rankdata(values)
+
+
 def test_within_bin_tau_and_regret():
     truth = np.array([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
     bins = np.array([0, 0, 0, 1, 1, 1])
@@ -494,6 +517,20 @@ def test_dna_predictions_aggregations_and_comparison(tmp_path):
     assert shown == pytest.approx(100 * result["methods"]["macs"][first_budget], abs=0.006)
     fidelity.plot(truth, predictions, ["macs", "dna[cl_loss,sum]"], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # beyond several controls: the sum rows and the non-DNA rows, the controls left out
+    predictions.update(fidelity.shape_features(truth.space, truth.archs))
+    beyond = fidelity.beyond_controls(truth, predictions, ["macs", "depth"], num_resamples=50)
+    assert set(beyond["methods"]) == {"dna[cl_loss,sum]", "dna[mse_var,sum]", "synflow",
+                                      "mean_expansion", "mean_kernel"}
+    controls = np.stack([predictions["macs"], predictions["depth"]], axis=1)
+    for name, row in beyond["methods"].items():
+        value = ranking_stats.partial_spearman(truth.accuracy, predictions[name], controls)
+        assert row["partial_spearman"] == pytest.approx(value, nan_ok=True)
+        if np.isfinite(value):
+            assert row["partial_spearman_low"] <= value <= row["partial_spearman_high"]
+    assert "given macs and depth" in fidelity.render_beyond(beyond)
+    with pytest.raises(ValueError, match="control 'params' is not a prediction"):
+        fidelity.beyond_controls(truth, predictions, ["params"])
 
 
 # ---- a tiny ground truth, resumed ------------------------------------------------------------
