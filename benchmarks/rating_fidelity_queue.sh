@@ -30,7 +30,10 @@ fidelity_table() {  # every row whose ratings exist so far
   MESSAGE="the fidelity table ($1)" commit results/fmnist28_fidelity.json \
     results/fmnist28_fidelity.md results/fmnist28_fidelity.png
 }
-fidelity_table "the ground truth against DNA's ratings, macs and the other proxies"
+complete_table() {  # the committed table has every method's rows (delete it to recompute)
+  grep -q '"dnapp\[' results/fmnist28_fidelity.json 2>/dev/null && grep -q '"spos"' results/fmnist28_fidelity.json
+}
+complete_table || fidelity_table "the ground truth against DNA's ratings, macs and the other proxies"
 
 if [[ ! -f results/fmnist28_spos_scores.json ]]; then
   $PY -m dna_jax.spos_scores --config configs/fmnist28_spos.py --workdir workdir/fmnist28_spos \
@@ -47,7 +50,7 @@ if [[ ! -f results/fmnist28_ratings/dna_pp/block2.npz ]]; then
   MESSAGE="the DNA++ rating tables of configs/fmnist28_dna_pp.py" commit results/fmnist28_ratings/dna_pp
 fi
 
-fidelity_table "every method: DNA, DNA++, SPOS, proxies"
+complete_table || fidelity_table "every method: DNA, DNA++, SPOS, proxies"
 
 $PY -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
   --workdir workdir/fmnist28_search_effectiveness \
