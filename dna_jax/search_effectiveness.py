@@ -3,7 +3,8 @@ r"""Search effectiveness: does the DNA winner beat the biggest net, and random n
     python -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
         --workdir workdir/fmnist28_search_effectiveness \
         --out results/fmnist28_search_effectiveness.json [--commit] [--max_runs N] [--plan_only]
-    python -m dna_jax.search_effectiveness --config ... --report results/fmnist28_search_effectiveness.json
+    python -m dna_jax.search_effectiveness --config ... \
+        --report results/fmnist28_search_effectiveness.json
 
 Issue 19, item 6. At each budget of `config.budgets` (in `config.cost`, multiply-adds), the
 CONTENDERS are:
@@ -64,9 +65,10 @@ spread; otherwise its fields are null with the reason. With 2 seeds the t-interv
 network, so its SD is pooled over every contender with >= 2 seeds (the within-network mean
 square: with 10 networks x 2 seeds, 10 degrees of freedom instead of Welch's 1-2), assuming it
 is the same for every network (the ground truth's 6 networks x 3 seeds are consistent with
-it: per-network SDs 0.11-0.30 points, each on 2 degrees of freedom). Per budget: each DNA role minus `size`, SE = SD x sqrt(1/n1 + 1/n2), t with the pooled
-df (a difference of 0 and no noise where they are the same network). Over budgets, the mean of
-the per-budget differences: minus `size` (the same pooled noise), and minus the random nets,
+it: per-network SDs 0.11-0.30 points, each on 2 degrees of freedom). Per budget: each DNA
+role minus `size`, SE = SD x sqrt(1/n1 + 1/n2), t with the pooled df (a difference of 0 and
+no noise where they are the same network). Over budgets, the mean of the per-budget
+differences: minus `size` (the same pooled noise), and minus the random nets,
 where the drawn net is the unit: the between-random-net variance of their mean accuracies,
 pooled over budgets (df = sum of nets - 1), enters beside the DNA nets' seed noise, with
 Welch-Satterthwaite df. `half_width` is what the design can resolve. The file's statistics are
@@ -522,7 +524,7 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
             vs_random.append((float(np.mean(own) - np.mean(means)), len(own), means))
         if not complete or not vs_size:
             out["over_budgets"][f"{role}_minus_size"] = {
-                "difference": None, "reason": "needs every budget's dna and size runs and "
+                "difference": None, "reason": "needs every budget's dna, size and random runs and "
                                               "a pooled seed SD"}
             out["over_budgets"][f"{role}_minus_random"] = dict(
                 out["over_budgets"][f"{role}_minus_size"])
@@ -710,6 +712,11 @@ def _interval(entry: dict[str, Any]) -> str:
     return text
 
 
+def _role_order(role: str) -> tuple[int, str]:
+    """dna roles first, then size, then the random nets (the file's JSON sorts keys)."""
+    return (0 if role.startswith(DNA) else 1 if role == SIZE else 2, role)
+
+
 def render_results(data: dict[str, Any]) -> str:
     """The file as markdown (accuracies in points): per budget each role's network, cost,
     DNA objective and test accuracy mean / SD / seeds; then the pooled comparisons."""
@@ -719,7 +726,7 @@ def render_results(data: dict[str, Any]) -> str:
         lines += [f"Budget {budget['budget']:,.0f} multiply-adds:", "",
                   "| role | contender | macs | DNA objective | accuracy | SD | seeds |",
                   "|---|---|---|---|---|---|---|"]
-        for role, stats_ in entry["roles"].items():
+        for role, stats_ in sorted(entry["roles"].items(), key=lambda kv: _role_order(kv[0])):
             c = data["contenders"][stats_["contender"]]
             lines.append(f"| {role} | #{stats_['contender']} | {c['macs']:,} | "
                          f"{c['dna'][DNA]['dna_objective']:.4f} | {_pct(stats_['mean'])} | "
@@ -735,7 +742,8 @@ def render_results(data: dict[str, Any]) -> str:
             key = f"{item['role']}_minus_size"
             lines.append(f"| {key} at {item['budget']:,.0f} | "
                          f"{_interval({**item[key], 'same_network': item['same_network']})} |")
-        for key, entry in pooled["over_budgets"].items():
+        for key, entry in sorted(pooled["over_budgets"].items(),
+                                 key=lambda kv: (kv[0].endswith("_random"), kv[0])):
             lines.append(f"| **{key}, over budgets** | {_interval(entry)} |")
     return "\n".join(lines)
 
