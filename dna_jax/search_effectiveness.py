@@ -458,16 +458,14 @@ def summarize(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
 
 
 def pooled_seed_sd(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The seed-to-seed SD pooled over every network with >= 2 seeds (one-way ANOVA's
-    within-network mean square: sum of squared deviations from each network's mean over
-    sum of (seeds - 1)), its degrees of freedom and how many networks gave it."""
-    accuracies: dict[int, list[float]] = {}
+    """The seed-to-seed SD pooled over every network with >= 2 seeds (`ground_truth.seed_noise`,
+    the within-network mean square), its degrees of freedom and how many networks gave it."""
+    noise = ground_truth.seed_noise(runs)
+    seeds: dict[int, int] = {}
     for r in runs:
-        accuracies.setdefault(r["arch"], []).append(float(r["test_accuracy"]))
-    groups = [np.asarray(v) for v in accuracies.values() if len(v) > 1]
-    df = int(sum(len(g) - 1 for g in groups))
-    ss = float(sum(np.sum((g - g.mean()) ** 2) for g in groups))
-    return {"sd": float(np.sqrt(ss / df)) if df else None, "df": df, "nets": len(groups)}
+        seeds[r["arch"]] = seeds.get(r["arch"], 0) + 1
+    return {"sd": noise.get("seed_sd"), "df": int(sum(n - 1 for n in seeds.values())),
+            "nets": noise["archs_with_seeds"]}
 
 
 def _t_interval(difference: float, terms: Sequence[tuple[float, float]]) -> dict[str, Any]:
