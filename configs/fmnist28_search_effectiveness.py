@@ -9,9 +9,10 @@ copied from that config: combine, standardize, unfit_blocks, rank_normalize), th
 net under the budget (exact over the 25.4M architectures; ties drawn with seed 0), and 3
 random nets within 10% below the budget (from a 200,000-architecture uniform pool, seed 0),
 each trained stand-alone with seeds 0 and 1 and the ground truth's recipe (the `standalone`
-section of configs/fmnist28_ground_truth.py: 2 epochs; the ground truth's runs of 2.8M-4.8M
-multiply-adds took 407-745 s on the lightly loaded 2-core CPU, so the 20 runs take about 3-4
-hours: resumable, commit the file as it grows). Read the file's `pooled` comparisons (see
+section of configs/fmnist28_ground_truth.py: 2 epochs; measured here, the file's first 10 runs
+took 313-805 s each on the 2-vCPU AMD EPYC beside a niced DNA++ run (one took 1,789 s: it was
+paused during a CI run), so the 20 runs take about 3 hours: resumable, commit the file as it
+grows). Read the file's `pooled` comparisons (see
 dna_jax/search_effectiveness.py; the primary one, fixed before the first run, is the DNA
 winner minus the size pick averaged over both budgets); `--report FILE` prints it as markdown. Add
 `--config.tables.variants=recal128=results/fmnist28_ratings/recal128` for the winner of the
