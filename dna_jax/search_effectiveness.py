@@ -3,6 +3,7 @@ r"""Search effectiveness: does the DNA winner beat the biggest net, and random n
     python -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
         --workdir workdir/fmnist28_search_effectiveness \
         --out results/fmnist28_search_effectiveness.json [--commit] [--max_runs N] [--plan_only]
+        [--reuse OTHER_FILE.json]
     python -m dna_jax.search_effectiveness --config ... \
         --report results/fmnist28_search_effectiveness.json
 
@@ -26,7 +27,15 @@ CONTENDERS are:
     sampler (each layer uniform over its legal ops, `ranking.distinct_pool`, the ground
     truth's pool) draws `pool_size` architectures with the selection seed, those inside the
     window are shuffled and taken in turn, skipping any whose network equals the `dna`, `size`
-    or an earlier random pick's (so they are distinct networks).
+    or an earlier random pick's (so they are distinct networks);
+  * `<feature>` (off by default; `config.contenders.features`, names of FEATURES): a free
+    proxy's pick, the network whose shape feature (`fidelity.shape_features`: mean expansion
+    ratio, mean kernel, depth) is the highest the space allows (every searched layer that is
+    not the identity at the largest expansion, or kernel; for depth, no identity layer), the
+    largest of those under the budget (`largest_under` on the restricted space, ties drawn
+    with the selection seed after every other pick of every budget, so adding a feature
+    changes neither the other picks nor their contender indices).
+    Compared like `dna` (minus `size`, minus the random nets), and `dna` minus it.
 A network that is a contender at both budgets, or in two roles (e.g. the DNA winner is also
 the biggest net), is one contender and is trained once; its roles say where it counts.
 
@@ -39,7 +48,9 @@ budgets and roles (dna of budget 1, dna of budget 2, size of 1, size of 2, rando
 then seed 1, and so on, so a partial file is balanced. After each run the JSON file is
 rewritten atomically and, with --commit, committed on its own (`ground_truth.commit_file`); a
 fresh machine with only the committed file continues where it stopped. --plan_only prints the
-selection (costs and DNA scores) and trains nothing.
+selection (costs and DNA scores) and trains nothing. --reuse FILE copies FILE's runs of the same
+network (block strings), recipe and seed instead of training them again (each copy says where
+it came from in `reused_from`): a follow-up that adds a contender trains only the new one.
 
 The file (format_version 1): `record` (every selection setting), `recipe` (the stand-alone
 config), `tables` (each table folder's source, digest of the tables the search composes, score
@@ -101,6 +112,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNA = "dna"
 SIZE = "size"
 RANDOM = "random"
+# Networks picked by a free shape feature of `fidelity.shape_features` (exploratory contenders,
+# `config.contenders.features`): the network whose feature is the highest the space allows,
+# the largest of those under the budget.
+FEATURES = ("mean_expansion", "mean_kernel", "depth")
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -120,7 +135,8 @@ def get_default_config() -> ml_collections.ConfigDict:
         rank_normalize), see dna_jax.pipeline.get_default_config.
       contenders: seed (the selection's: size ties, the random pool and draws), pool_size,
         num_random, random_tolerance (the random nets' window is
-        [(1 - random_tolerance) x budget, budget]).
+        [(1 - random_tolerance) x budget, budget]), features (comma-separated names of
+        FEATURES, each adding a contender picked by that shape feature; '' = none).
       num_seeds: stand-alone trainings per contender (seeds 0..num_seeds-1).
       standalone: a full trainer config (dna_jax.retrain); its `seed` is set per run.
     """
@@ -133,7 +149,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.tables = dict(rate_dir="results/fmnist28_ratings/dna", variants="")
     config.search = dict(combine="sum", standardize=False, unfit_blocks="keep",
                          rank_normalize=False)
-    config.contenders = dict(seed=0, pool_size=200_000, num_random=3, random_tolerance=0.10)
+    config.contenders = dict(seed=0, pool_size=200_000, num_random=3, random_tolerance=0.10,
+                             features="")
     config.num_seeds = 2
     config.standalone = retrain_lib.get_default_config()
     return config
@@ -155,12 +172,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < c.random_tolerance < 1.0:
         raise ValueError(f"config.contenders.random_tolerance must be in (0, 1), got "
                          f"{c.random_tolerance}")
+    unknown = set(feature_roles(config)) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"config.contenders.features: {sorted(unknown)} not in {FEATURES}")
     if config.num_seeds < 2:
         raise ValueError(f"config.num_seeds must be >= 2 (a mean and SD need two), got "
                          f"{config.num_seeds}")
     if not config.tables.rate_dir:
         raise ValueError("config.tables.rate_dir is empty: set the rating tables' folder")
     table_dirs(config)
+
+
+def feature_roles(config: ml_collections.ConfigDict) -> list[str]:
+    """The feature-picked roles of `config.contenders.features`, in order."""
+    names = [s.strip() for s in config.contenders.get("features", "").split(",") if s.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.contenders.features repeats a name: {names}")
+    return names
+
+
+def picked_role(role: str) -> bool:
+    """A role whose net a rule chose for its merit (DNA's rating or a shape feature), compared
+    against `size` and the random nets; not `size` or a random net."""
+    return role.startswith(DNA) or role in FEATURES
 
 
 def table_dirs(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -259,14 +293,20 @@ def network_key(space: SearchSpace, arch: Arch) -> tuple:
 
 
 def largest_under(space: SearchSpace, config: ml_collections.ConfigDict, budget: float,
-                  max_prefix: int = 5_000_000) -> tuple[float, list[Arch]]:
+                  max_prefix: int = 5_000_000, keep: Sequence[np.ndarray] | None = None
+                  ) -> tuple[float, list[Arch]]:
     """The largest whole-network cost <= budget over EVERY architecture of the space (not
     only the rated candidates), and every architecture (encoding) with exactly that cost.
+    `keep` (a boolean mask over each block's candidates) restricts the space.
 
     Exact: the sums of all blocks but the last are enumerated and sorted (294^2 for
     fmnist28), then each candidate of the last block finds its best partner by binary search.
     """
     candidates = [space.block_candidates(b) for b in range(len(space.blocks))]
+    if keep is not None:
+        candidates = [enc[np.asarray(k, bool)] for enc, k in zip(candidates, keep)]
+        if any(len(enc) == 0 for enc in candidates):
+            raise ValueError(f"space {space.name!r}: a block has no candidate left to pick from")
     columns = [np.asarray(costs_lib.candidate_costs(space, b, enc, config.resolution)[config.cost],
                           np.int64) for b, enc in enumerate(candidates)]
     fixed = _fixed_cost(space, config)
@@ -298,6 +338,25 @@ def largest_under(space: SearchSpace, config: ml_collections.ConfigDict, budget:
             rows = [*prefix_rows[i], last]
             ties.append(Arch.of(enc[r] for enc, r in zip(candidates, rows)))
     return float(best + fixed), ties
+
+
+def feature_masks(space: SearchSpace, feature: str) -> list[np.ndarray]:
+    """Per block, the candidates whose every searched layer gives `feature` (a name of
+    FEATURES, as `fidelity.shape_features` computes it) the highest value the space allows:
+    the mean expansion (mean kernel) of a network is at its maximum exactly when every layer
+    that is not the identity has the largest expansion (kernel); the depth when no layer is
+    the identity."""
+    if feature not in FEATURES:
+        raise ValueError(f"unknown feature {feature!r}: one of {FEATURES}")
+    skip = space.skip_index
+    if feature == "depth":
+        layer_ok = {o: o != skip for o in range(skip + 1)}
+    else:
+        attr = "expansion" if feature == "mean_expansion" else "kernel"
+        best = max(getattr(op, attr) for op in space.ops)
+        layer_ok = {o: o == skip or getattr(space.ops[o], attr) == best for o in range(skip + 1)}
+    ok = np.vectorize(layer_ok.__getitem__, otypes=[bool])
+    return [ok(space.block_candidates(b)).all(axis=1) for b in range(len(space.blocks))]
 
 
 def _draw_distinct(candidates: Sequence[Arch], space: SearchSpace, rng: np.random.Generator,
@@ -376,6 +435,17 @@ def select_contenders(config: ml_collections.ConfigDict, space: SearchSpace,
                         "size_ties": {"cost": size_cost, "encodings": len(ties),
                                       "networks": len(tie_nets)},
                         "random_in_window": int(len(inside))})
+    # After every other pick of every budget, so that adding features changes none of them
+    # (neither the draws nor the contender indices).
+    for feature in feature_roles(config):
+        masks = feature_masks(space, feature)
+        for b, entry in enumerate(budgets):
+            cost, ties = largest_under(space, config, entry["budget"], keep=masks)
+            tie_nets = {network_key(space, a): a for a in ties}
+            arch = list(tie_nets.values())[int(rng.integers(len(tie_nets)))]
+            entry["picks"][feature] = add(arch, b, feature)
+            entry.setdefault("feature_ties", {})[feature] = {
+                "cost": cost, "encodings": len(ties), "networks": len(tie_nets)}
     return {"contenders": contenders, "budgets": budgets}
 
 
@@ -425,8 +495,9 @@ def welch_interval(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 def summarize(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
               ) -> list[dict[str, Any]]:
-    """Per budget: per role mean/SD over seeds; the random nets' mean; every DNA role's
-    difference from `size` and from the random nets (see the module docstring)."""
+    """Per budget: per role mean/SD over seeds; the random nets' mean; every picked role's
+    (DNA's, a feature's) difference from `size` and from the random nets (see the module
+    docstring)."""
     accuracies: dict[int, list[float]] = {}
     for r in runs:
         accuracies.setdefault(r["arch"], []).append(r["test_accuracy"])
@@ -444,7 +515,7 @@ def summarize(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
                                                     if len(random_means) > 1 else None)},
                  "differences": {}}
         for role in picks:
-            if not role.startswith(DNA):
+            if not picked_role(role):
                 continue
             own = roles[role]["values"]
             if picks[role] == picks[SIZE]:
@@ -487,9 +558,10 @@ def _t_interval(difference: float, terms: Sequence[tuple[float, float]]) -> dict
 def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]
                        ) -> dict[str, Any]:
     """The comparisons with the seed noise pooled over every network (see the module
-    docstring): per budget each DNA role minus `size`, and over all budgets (the mean of the
-    per-budget differences) minus `size` and minus the random nets. Null with a reason until
-    every budget has the runs it needs."""
+    docstring): per budget each picked role (DNA's, a feature's) minus `size`, and over all
+    budgets (the mean of the per-budget differences) minus `size` and minus the random nets;
+    with feature roles, also `dna` minus each feature's pick (per budget and over budgets).
+    Null with a reason until every budget has the runs it needs."""
     noise = pooled_seed_sd(runs)
     out: dict[str, Any] = {
         "seed_sd": noise,
@@ -501,40 +573,49 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
     for r in runs:
         accuracies.setdefault(r["arch"], []).append(float(r["test_accuracy"]))
     sd, df = noise["sd"], noise["df"]
-    dna_roles = [role for role in budgets[0]["picks"] if role.startswith(DNA)] if budgets else []
-    for role in dna_roles:
-        vs_size, vs_random, complete = [], [], True
+    roles = list(budgets[0]["picks"]) if budgets else []
+    pairs = [(role, SIZE) for role in roles if picked_role(role)]
+    pairs += [(DNA, role) for role in roles if role in FEATURES and DNA in roles]
+    for role, other in pairs:
+        key = f"{role}_minus_{other}"
+        diffs, vs_random, complete = [], [], True
         for budget in budgets:
             picks = budget["picks"]
-            own, size = accuracies.get(picks[role], []), accuracies.get(picks[SIZE], [])
+            own, theirs = accuracies.get(picks[role], []), accuracies.get(picks[other], [])
             randoms = [accuracies.get(i, []) for r, i in picks.items() if r.startswith(RANDOM)]
-            if not own or not size or sd is None or any(not r for r in randoms):
+            if not own or not theirs or sd is None or any(not r for r in randoms):
                 complete = False
                 continue
-            same = picks[role] == picks[SIZE]
-            d_size = 0.0 if same else float(np.mean(own) - np.mean(size))
-            var_size = 0.0 if same else sd ** 2 * (1 / len(own) + 1 / len(size))
-            entry = _t_interval(d_size, [(var_size, df)])
-            out["per_budget"].append({"budget": budget["budget"], "role": role,
-                                      f"{role}_minus_size": entry, "same_network": same})
-            vs_size.append((d_size, var_size))
+            same = picks[role] == picks[other]
+            d = 0.0 if same else float(np.mean(own) - np.mean(theirs))
+            var = 0.0 if same else sd ** 2 * (1 / len(own) + 1 / len(theirs))
+            item = {"budget": budget["budget"], "role": role}
+            if other != SIZE:
+                item["versus"] = other
+            out["per_budget"].append({**item, key: _t_interval(d, [(var, df)]),
+                                      "same_network": same})
+            diffs.append((d, var))
             means = [float(np.mean(r)) for r in randoms]
             vs_random.append((float(np.mean(own) - np.mean(means)), len(own), means))
-        if not complete or not vs_size:
-            out["over_budgets"][f"{role}_minus_size"] = {
-                "difference": None, "reason": "needs every budget's dna, size and random runs and "
-                                              "a pooled seed SD"}
-            out["over_budgets"][f"{role}_minus_random"] = dict(
-                out["over_budgets"][f"{role}_minus_size"])
+        random_key = f"{role}_minus_{RANDOM}"
+        with_random = other == SIZE
+        if not complete or not diffs:
+            out["over_budgets"][key] = {
+                "difference": None, "reason": f"needs every budget's {role}, {other} and random "
+                                              "runs and a pooled seed SD"}
+            if with_random:
+                out["over_budgets"][random_key] = dict(out["over_budgets"][key])
             continue
-        b = len(vs_size)
-        out["over_budgets"][f"{role}_minus_size"] = _t_interval(
-            float(np.mean([d for d, _ in vs_size])), [(sum(v for _, v in vs_size) / b ** 2, df)])
+        b = len(diffs)
+        out["over_budgets"][key] = _t_interval(
+            float(np.mean([d for d, _ in diffs])), [(sum(v for _, v in diffs) / b ** 2, df)])
+        if not with_random:
+            continue
         # Random nets: the drawn net is the unit, so their spread (between-net variance of
-        # their means, pooled over budgets) enters beside the DNA net's seed noise.
+        # their means, pooled over budgets) enters beside the picked net's seed noise.
         between_df = sum(len(m) - 1 for _, _, m in vs_random)
         if between_df < 1:
-            out["over_budgets"][f"{role}_minus_random"] = {
+            out["over_budgets"][random_key] = {
                 "difference": float(np.mean([d for d, _, _ in vs_random])),
                 "ci95": None, "reason": "needs >= 2 random nets at some budget"}
             continue
@@ -545,7 +626,7 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
             [(sum(sd ** 2 / n for _, n, _ in vs_random) / b ** 2, df),
              (sum(between / len(m) for _, _, m in vs_random) / b ** 2, between_df)])
         entry["between_net_sd"] = float(np.sqrt(between))
-        out["over_budgets"][f"{role}_minus_random"] = entry
+        out["over_budgets"][random_key] = entry
     return out
 
 
@@ -553,11 +634,14 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
 
 
 def _record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    contenders = config.contenders.to_dict()
+    if not contenders.get("features"):  # files made before the field existed still match
+        contenders.pop("features", None)
     return artifacts.to_jsonable({
         "space": config.space, "resolution": config.resolution,
         "num_classes": config.num_classes, "cost": config.cost,
         "budgets": [float(b) for b in config.budgets], "tables": config.tables.to_dict(),
-        "search": config.search.to_dict(), "contenders": config.contenders.to_dict(),
+        "search": config.search.to_dict(), "contenders": contenders,
         "num_seeds": config.num_seeds})
 
 
@@ -600,10 +684,38 @@ def _check_file(data: dict[str, Any], out: str, record: dict, recipe: dict,
                          "config and tables (the selection changed?): use another --out")
 
 
+def reusable_runs(paths: Sequence[str], recipe: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """{(network's block strings, seed): run} from other search-effectiveness files trained
+    with the same recipe: the same network, recipe and seed is the same experiment (a run's
+    contender index only names its folder), so it is copied, not trained again.
+
+    Raises:
+      ValueError: a file is missing or was trained with another recipe.
+    """
+    found: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        data = ground_truth.load_file(path)
+        if data is None:
+            raise ValueError(f"--reuse: no file at {path}")
+        if data["recipe"] != recipe:
+            raise ValueError(f"--reuse {path}: trained with another stand-alone recipe "
+                             f"({artifacts.config_changes(data['recipe'], recipe)}); its runs "
+                             "are not this experiment's")
+        for run in data["runs"]:
+            c = data["contenders"][run["arch"]]
+            key = (str(c["block_strings"]), run["seed"])
+            found.setdefault(key, {**{k: v for k, v in run.items() if k != "reused_from"},
+                                   "reused_from": run.get("reused_from") or {
+                                       "file": _source(os.path.abspath(path)),
+                                       "contender": run["arch"]}})
+    return found
+
+
 def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
-                   commit: bool = False, max_runs: int = 0, command: str = ""
-                   ) -> dict[str, Any]:
-    """Trains what the file does not hold yet, in order; returns the file's content."""
+                   commit: bool = False, max_runs: int = 0, command: str = "",
+                   reuse: Sequence[str] = ()) -> dict[str, Any]:
+    """Trains what the file does not hold yet, in order, first copying the runs of the same
+    networks, recipe and seeds from the `reuse` files; returns the file's content."""
     import jax  # pylint: disable=import-outside-toplevel
     from dna_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
@@ -627,6 +739,25 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
             "budgets": planned["budgets"], "order": [list(o) for o in planned["order"]],
             "runs": [], "summary": []})
     done = {(r["arch"], r["seed"]) for r in data["runs"]}
+    reusable = reusable_runs(reuse, recipe)
+    copied = []
+    for index, seed in planned["order"]:
+        key = (str(planned["contenders"][index]["block_strings"]), seed)
+        if (index, seed) not in done and key in reusable:
+            data["runs"].append({**reusable[key], "arch": index})
+            done.add((index, seed))
+            copied.append((index, seed))
+    if copied:
+        _update_statistics(data)
+        if jax.process_index() == 0:
+            artifacts.write_json(out, data)
+            if commit:
+                ground_truth.commit_file(
+                    out, f"search effectiveness: {len(copied)} runs of the same networks, "
+                         f"recipe and seeds copied from {', '.join(reuse)} "
+                         f"({len(data['runs'])}/{len(data['order'])} runs)")
+        logging.info("search effectiveness: %d runs copied from %s: %s", len(copied),
+                     ", ".join(reuse), copied)
     mesh = sharding_lib.mesh_from_config(config.standalone.mesh)
     run_data = ground_truth.RunData(config.standalone, mesh)
     trained = 0
@@ -647,9 +778,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
         data["runs"].append(result)
         done.add((index, seed))
         trained += 1
-        data["summary"] = summarize(data["budgets"], data["runs"])
-        data["pooled"] = pooled_comparisons(data["budgets"], data["runs"])
-        data["progress"] = {"runs_done": len(data["runs"]), "runs_planned": len(data["order"])}
+        _update_statistics(data)
         if jax.process_index() == 0:
             artifacts.write_json(out, data)
             if commit:
@@ -668,6 +797,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
                 ground_truth.commit_file(out, "search effectiveness: the statistics "
                                               "recomputed from the runs by this code")
     return data
+
+
+def _update_statistics(data: dict[str, Any]) -> None:
+    data["summary"] = summarize(data["budgets"], data["runs"])
+    data["pooled"] = pooled_comparisons(data["budgets"], data["runs"])
+    data["progress"] = {"runs_done": len(data["runs"]), "runs_planned": len(data["order"])}
 
 
 def render_plan(planned: dict[str, Any], config: ml_collections.ConfigDict) -> str:
@@ -711,8 +846,11 @@ def _interval(entry: dict[str, Any]) -> str:
 
 
 def _role_order(role: str) -> tuple[int, str]:
-    """dna roles first, then size, then the random nets (the file's JSON sorts keys)."""
-    return (0 if role.startswith(DNA) else 1 if role == SIZE else 2, role)
+    """dna roles first, then feature picks, size, the random nets (the file's JSON sorts
+    keys)."""
+    rank = (0 if role.startswith(DNA) else 1 if role in FEATURES else 2 if role == SIZE
+            else 3)
+    return (rank, role)
 
 
 def render_results(data: dict[str, Any]) -> str:
@@ -737,7 +875,7 @@ def render_results(data: dict[str, Any]) -> str:
                   f"({noise['df']} df). Differences in points, 95% t intervals:", "",
                   "| comparison | difference |", "|---|---|"]
         for item in pooled["per_budget"]:
-            key = f"{item['role']}_minus_size"
+            key = f"{item['role']}_minus_{item.get('versus', SIZE)}"
             lines.append(f"| {key} at {item['budget']:,.0f} | "
                          f"{_interval({**item[key], 'same_network': item['same_network']})} |")
         for key, entry in sorted(pooled["over_budgets"].items(),
@@ -769,7 +907,7 @@ def main(argv: Sequence[str]) -> None:
     if not f.workdir or not f.out:
         raise ValueError("--workdir and --out are required (or --plan_only)")
     data = run_experiment(f.config, f.workdir, f.out, commit=f.commit, max_runs=f.max_runs,
-                          command=" ".join(sys.argv))
+                          command=" ".join(sys.argv), reuse=f.reuse or ())
     print(metrics_lib.final_line({"runs_done": len(data["runs"]),
                                   "runs_planned": len(data["order"]),
                                   "summary": data["summary"], "pooled": data.get("pooled"),
@@ -788,6 +926,8 @@ def run(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_string("out", None, "The versioned JSON file of results (commit it).")
     flags.DEFINE_bool("commit", False, "git-commit the JSON file after every finished run.")
     flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0 = all).")
+    flags.DEFINE_multi_string("reuse", [], "Another search-effectiveness file with the same "
+                              "recipe: its runs of the same networks and seeds are copied.")
     flags.DEFINE_bool("plan_only", False, "Print the contenders and train nothing.")
     flags.DEFINE_string("report", None, "Print this results file as markdown; train nothing.")
     flags.mark_flags_as_required(["config"])

@@ -26,6 +26,7 @@ VARIANTS = {
     "fmnist28_ground_truth.py": [None, "tiny"],
     "fmnist28_ground_truth_confirm.py": [None, "tiny"],
     "fmnist28_search_effectiveness.py": [None, "tiny"],
+    "fmnist28_search_expansion.py": [None, "tiny"],
     "fmnist28_spos.py": [None, "tiny"],
     "fmnist28_dna_pp.py": [None, "tiny"],
 }

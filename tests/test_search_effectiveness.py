@@ -264,3 +264,149 @@ def test_tiny_end_to_end_resumes_and_refuses_another_config_or_tables(tmp_path):
     _tiny_tables(tmp_path / "tables", seed=2)
     with pytest.raises(ValueError, match="other rating tables"):
         se.run_experiment(config, work, out)
+
+
+EXPANSION_CONFIG = os.path.join(REPO, "configs", "fmnist28_search_expansion.py")
+
+
+def test_feature_pick_is_the_largest_net_at_the_features_maximum_and_changes_no_other_pick(
+        tmp_path):
+    tables = _tiny_tables(tmp_path / "tables")
+    space = get_space("tiny")
+    macs = {a: ground_truth.arch_costs(space, a, 16, 10)["macs"] for a in _all_archs(space)}
+    # the restricted exact search, brute-forced: keep block 1's candidates whose first layer
+    # is op 0, at budgets that cut between the networks
+    keep = [np.ones(2, bool), space.block_candidates(1)[:, 0] == 0]
+    config = _tiny_config(tables)
+    for budget in sorted(macs.values()):
+        allowed = {a: m for a, m in macs.items() if a.blocks[1][0] == 0 and m <= budget}
+        if not allowed:
+            with pytest.raises(ValueError, match="no architecture"):
+                se.largest_under(space, config, budget, keep=keep)
+            continue
+        cost, ties = se.largest_under(space, config, budget, keep=keep)
+        assert cost == max(allowed.values())
+        assert set(ties) == {a for a, m in allowed.items() if m == cost}
+    # the plan: the mean-kernel pick is the largest all-k5 network; nothing else changes
+    budgets = {"budgets": (306_096.0,)}
+    base = _tiny_config(tables, **budgets)
+    with_feature = _tiny_config(tables, **budgets, **{"contenders.features": "mean_kernel"})
+    planned, before = se.plan(with_feature), se.plan(base)
+    assert [c["blocks"] for c in planned["contenders"][:len(before["contenders"])]] == \
+        [c["blocks"] for c in before["contenders"]]
+    entry = planned["budgets"][0]
+    assert {r: i for r, i in entry["picks"].items() if r != "mean_kernel"} == \
+        before["budgets"][0]["picks"]
+    widest = {a: m for a, m in macs.items()
+              if all(space.ops[o].kernel == 5 for block in a.blocks for o in block)}
+    arch = planned["archs"][entry["picks"]["mean_kernel"]]
+    assert arch in widest and macs[arch] == max(widest.values()) == entry["feature_ties"][
+        "mean_kernel"]["cost"]
+    assert "features" not in se._record(base)["contenders"]  # older files still match
+    with pytest.raises(ValueError, match="contenders.features"):
+        se.check_config(_tiny_config(tables, **{"contenders.features": "width"}))
+    with pytest.raises(ValueError, match="no architecture"):  # no all-k5 net fits 296,000
+        se.plan(_tiny_config(tables, **{"contenders.features": "mean_kernel"}))
+
+
+def test_feature_masks_on_fmnist28_keep_exactly_the_layers_at_the_maximum():
+    from dna_jax import fidelity
+    space = get_space("fmnist28")
+    for feature, best in (("mean_expansion", 6.0), ("mean_kernel", 7.0)):
+        masks = se.feature_masks(space, feature)
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            arch = space.sample(rng)
+            inside = all(m[_candidate_row(space, b, ops)] for b, (m, ops) in
+                         enumerate(zip(masks, arch.blocks)))
+            value = fidelity.shape_features(space, [arch])[feature][0]
+            assert inside == (value == best)
+    depth = se.feature_masks(space, "depth")
+    assert all(m.sum() == 6 ** space.blocks[b].num_layers for b, m in enumerate(depth))
+
+
+def _candidate_row(space, b, ops):
+    return int(np.flatnonzero((space.block_candidates(b) == np.asarray(ops)).all(axis=1))[0])
+
+
+def test_expansion_follow_up_config_keeps_the_first_experiments_selection():
+    first = artifacts.read_json(os.path.join(REPO, "results",
+                                             "fmnist28_search_effectiveness.json"))
+    config = config_files.load_config(EXPANSION_CONFIG)
+    assert config.standalone.to_dict() == config_files.load_config(CONFIG).standalone.to_dict()
+    planned = se.plan(config)
+    n = len(first["contenders"])
+    assert [c["blocks"] for c in planned["contenders"][:n]] == \
+        [c["blocks"] for c in first["contenders"]]
+    for budget in planned["budgets"]:
+        arch = planned["archs"][budget["picks"]["mean_expansion"]]
+        layers = [l for stage in get_space("fmnist28").to_network_spec(arch).stages[1:]
+                  for l in stage]
+        assert all(l.expansion == 6 for l in layers)
+        assert planned["contenders"][budget["picks"]["mean_expansion"]]["macs"] <= budget["budget"]
+
+
+def test_reuse_copies_the_same_networks_runs_and_trains_only_the_new_ones(
+        tmp_path, fake_training, monkeypatch):
+    from scipy import stats
+    calls = fake_training(lambda index, seed: 0.5 + 0.01 * index + 0.003 * seed)
+    tables = _tiny_tables(tmp_path / "tables")
+    space = get_space("tiny")
+    first_out, out = str(tmp_path / "first.json"), str(tmp_path / "follow.json")
+    small = {"budgets": (306_096.0,), "contenders.num_random": 1}  # 3 of tiny's 8 networks
+    first = se.run_experiment(_tiny_config(tables, **small), str(tmp_path / "w1"), first_out)
+    # `tiny`'s one all-k5 network is the biggest (the size pick): the feature is made to pick
+    # a network the first experiment did not train, so that the follow-up has one to train
+    taken = {tuple(map(tuple, c["blocks"])) for c in first["contenders"]}
+    target = next(a for a in _all_archs(space) if a.blocks not in taken)
+    monkeypatch.setattr(se, "feature_masks", lambda space_, feature: [
+        (space.block_candidates(b) == np.asarray(target.blocks[b])).all(axis=1)
+        for b in range(len(space.blocks))])
+    trained_first = len(calls)
+    config = _tiny_config(tables, **small, **{"contenders.features": "mean_kernel"})
+    data = se.run_experiment(config, str(tmp_path / "w2"), out, reuse=[first_out])
+    new = calls[trained_first:]
+    keys = {str(c["block_strings"]) for c in first["contenders"]}
+    fresh = [i for i, c in enumerate(data["contenders"]) if str(c["block_strings"]) not in keys]
+    assert fresh and sorted(new) == sorted((i, s) for i in fresh for s in range(config.num_seeds))
+    assert len(data["runs"]) == len(data["order"])
+    by_net = {(str(first["contenders"][r["arch"]]["block_strings"]), r["seed"]): r
+              for r in first["runs"]}
+    for run in data["runs"]:
+        key = (str(data["contenders"][run["arch"]]["block_strings"]), run["seed"])
+        if run["arch"] in fresh:
+            assert "reused_from" not in run
+        else:
+            assert run["test_accuracy"] == by_net[key]["test_accuracy"]
+            assert run["reused_from"]["file"].endswith("first.json")
+    # dna minus the feature's pick, pooled over the budgets with the file's pooled seed SD
+    acc = {}
+    for r in data["runs"]:
+        acc.setdefault(r["arch"], []).append(r["test_accuracy"])
+    sd, df = data["pooled"]["seed_sd"]["sd"], data["pooled"]["seed_sd"]["df"]
+    diffs = [np.mean(acc[b["picks"]["dna"]]) - np.mean(acc[b["picks"]["mean_kernel"]])
+             for b in data["budgets"]]
+    same = [b["picks"]["dna"] == b["picks"]["mean_kernel"] for b in data["budgets"]]
+    var = sum(0 if s else sd ** 2 * (2 / config.num_seeds) for s in same) / len(diffs) ** 2
+    over = data["pooled"]["over_budgets"]["dna_minus_mean_kernel"]
+    assert over["difference"] == pytest.approx(np.mean(diffs))
+    assert var > 0
+    half = stats.t.ppf(0.975, df) * np.sqrt(var)
+    assert over["ci95"] == pytest.approx([np.mean(diffs) - half, np.mean(diffs) + half])
+    assert "mean_kernel_minus_size" in data["pooled"]["over_budgets"]
+    assert "mean_kernel_minus_random" in data["pooled"]["over_budgets"]
+    assert any(item.get("versus") == "mean_kernel" for item in data["pooled"]["per_budget"])
+    report = se.render_results(data)
+    assert "dna_minus_mean_kernel, over budgets" in report and "| mean_kernel |" in report
+    # resumed: nothing copied or trained again; a file of another recipe is refused
+    assert se.run_experiment(config, str(tmp_path / "w2"), out, reuse=[first_out])["runs"] \
+        == data["runs"]
+    assert len(calls) == trained_first + len(new)
+    other = artifacts.read_json(first_out)
+    other["recipe"]["total_steps"] = 3
+    artifacts.write_json(str(tmp_path / "other.json"), other)
+    with pytest.raises(ValueError, match="another stand-alone recipe"):
+        se.run_experiment(config, str(tmp_path / "w3"), str(tmp_path / "x.json"),
+                          reuse=[str(tmp_path / "other.json")])
+    with pytest.raises(ValueError, match="no file"):
+        se.reusable_runs([str(tmp_path / "missing.json")], {})
