@@ -8,7 +8,8 @@
 # the methods rated so far, 3 SPOS's rating of the ground truth's architectures (~25 min), 4 the
 # DNA++ rating (ssl + rate stages, ~1 h), 5 the fidelity table of every method
 # (results/fmnist28_fidelity.{json,md,png}, committed after steps 2 and 5), 6 search
-# effectiveness (20 runs, hours: does the DNA winner beat the biggest net under the budget?).
+# effectiveness (20 runs, hours: does the DNA winner beat the biggest net under the budget?),
+# 7 its follow-up (the mean-expansion proxy's pick: 4 new runs, the 20 others copied).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -55,3 +56,8 @@ complete_table || fidelity_table "every method: DNA, DNA++, SPOS, proxies"
 $PY -m dna_jax.search_effectiveness --config configs/fmnist28_search_effectiveness.py \
   --workdir workdir/fmnist28_search_effectiveness \
   --out results/fmnist28_search_effectiveness.json --commit
+
+$PY -m dna_jax.search_effectiveness --config configs/fmnist28_search_expansion.py \
+  --workdir workdir/fmnist28_search_effectiveness \
+  --out results/fmnist28_search_expansion.json \
+  --reuse results/fmnist28_search_effectiveness.json --commit
