@@ -716,7 +716,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
                    reuse: Sequence[str] = ()) -> dict[str, Any]:
     """Trains what the file does not hold yet, in order, first copying the runs of the same
     networks, recipe and seeds from the `reuse` files; returns the file's content."""
-    import jax  # pylint: disable=import-outside-toplevel
     from dna_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
     space = get_space(config.space)
@@ -748,14 +747,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
             done.add((index, seed))
             copied.append((index, seed))
     if copied:
-        _update_statistics(data)
-        if jax.process_index() == 0:
-            artifacts.write_json(out, data)
-            if commit:
-                ground_truth.commit_file(
-                    out, f"search effectiveness: {len(copied)} runs of the same networks, "
-                         f"recipe and seeds copied from {', '.join(reuse)} "
-                         f"({len(data['runs'])}/{len(data['order'])} runs)")
+        _save(data, out, commit, f"search effectiveness: {len(copied)} runs of the same "
+                                 f"networks, recipe and seeds copied from {', '.join(reuse)} "
+                                 f"({len(data['runs'])}/{len(data['order'])} runs)")
         logging.info("search effectiveness: %d runs copied from %s: %s", len(copied),
                      ", ".join(reuse), copied)
     mesh = sharding_lib.mesh_from_config(config.standalone.mesh)
@@ -778,31 +772,28 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
         data["runs"].append(result)
         done.add((index, seed))
         trained += 1
-        _update_statistics(data)
-        if jax.process_index() == 0:
-            artifacts.write_json(out, data)
-            if commit:
-                ground_truth.commit_file(
-                    out, f"search effectiveness: contender {index} ({roles}) seed {seed} "
-                         f"({len(data['runs'])}/{len(data['order'])} runs, test accuracy "
-                         f"{result['test_accuracy']:.4f})")
+        _save(data, out, commit, f"search effectiveness: contender {index} ({roles}) seed "
+                                 f"{seed} ({len(data['runs'])}/{len(data['order'])} runs, test "
+                                 f"accuracy {result['test_accuracy']:.4f})")
     # A file made by older code gets this code's statistics (the runs are the data).
-    summary = summarize(data["budgets"], data["runs"])
-    pooled = pooled_comparisons(data["budgets"], data["runs"])
-    if data["runs"] and (data["summary"] != summary or data.get("pooled") != pooled):
-        data["summary"], data["pooled"] = summary, pooled
-        if jax.process_index() == 0:
-            artifacts.write_json(out, data)
-            if commit:
-                ground_truth.commit_file(out, "search effectiveness: the statistics "
-                                              "recomputed from the runs by this code")
+    if data["runs"] and (data["summary"] != summarize(data["budgets"], data["runs"]) or
+                         data.get("pooled") != pooled_comparisons(data["budgets"], data["runs"])):
+        _save(data, out, commit, "search effectiveness: the statistics recomputed from the runs "
+                                 "by this code")
     return data
 
 
-def _update_statistics(data: dict[str, Any]) -> None:
+def _save(data: dict[str, Any], out: str, commit: bool, message: str) -> None:
+    """The statistics recomputed from the runs, the file written atomically (by process 0)
+    and, with `commit`, committed on its own."""
+    import jax  # pylint: disable=import-outside-toplevel
     data["summary"] = summarize(data["budgets"], data["runs"])
     data["pooled"] = pooled_comparisons(data["budgets"], data["runs"])
     data["progress"] = {"runs_done": len(data["runs"]), "runs_planned": len(data["order"])}
+    if jax.process_index() == 0:
+        artifacts.write_json(out, data)
+        if commit:
+            ground_truth.commit_file(out, message)
 
 
 def render_plan(planned: dict[str, Any], config: ml_collections.ConfigDict) -> str:
