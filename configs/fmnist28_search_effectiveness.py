@@ -18,7 +18,10 @@ winner minus the size pick averaged over both budgets); `--report FILE` prints i
 `--config.tables.variants=recal128=results/fmnist28_ratings/recal128` for the winner of the
 128-image-recalibration tables as one more contender (a new --out: it is another config).
 `--plan_only` prints the selection and trains nothing.
-Measured: not yet measured.
+Measured (2026-12-07, 20 of 20 runs, the registered primary comparison): the DNA winner minus
+the size pick averaged over both budgets +0.27 points [-0.23, +0.76] (t interval, seed SD
+0.31 points pooled over the 10 networks, 10 df): not resolved; minus the random nets +0.31
+[-0.13, +0.75]; per budget +0.08 (2.8M) and +0.46 (4.8M) points.
 `:tiny` is the tests' variant (the `tiny` space, a few steps; the test sets tables.rate_dir to
 tables it writes).
 """
