@@ -11,7 +11,10 @@ picks, which are therefore the first experiment's). --reuse copies the first fil
 (same networks, recipe and seeds), so only the 2 new networks x 2 seeds are trained, in the
 same workdir (their folders are new contender indices). The reading is fixed in the README
 before the runs (primary: `dna_minus_mean_expansion` over both budgets, pooled seed SD).
-Measured: not yet measured.
+Measured (2026-12-07, 4 new runs of 5-9 min on the 2-vCPU AMD EPYC, 20 copied): DNA winner minus
+the mean-expansion pick over both budgets +0.09 points [-0.36, +0.54] (seed SD 0.29 points
+pooled over 12 networks, 12 df): not resolved; the pick minus the size pick +0.18
+[-0.27, +0.63]; the picks: 2,795,296 and 4,799,872 multiply-adds.
 `:tiny` is the tests' variant (see configs/fmnist28_search_effectiveness.py).
 """
 
