@@ -340,6 +340,18 @@ def largest_under(space: SearchSpace, config: ml_collections.ConfigDict, budget:
     return float(best + fixed), ties
 
 
+def _largest_pick(space: SearchSpace, config: ml_collections.ConfigDict, budget: float,
+                  rng: np.random.Generator, keep: Sequence[np.ndarray] | None = None
+                  ) -> tuple[Arch, dict[str, Any]]:
+    """One network of the largest cost under the budget (`largest_under`), drawn with `rng`
+    among the tied NETWORKS (encodings that differ only in layer order or where the identity
+    ops sit are one network), and the record of the tie (cost, encodings, networks)."""
+    cost, ties = largest_under(space, config, budget, keep=keep)
+    tie_nets = {network_key(space, a): a for a in ties}
+    arch = list(tie_nets.values())[int(rng.integers(len(tie_nets)))]
+    return arch, {"cost": cost, "encodings": len(ties), "networks": len(tie_nets)}
+
+
 def feature_masks(space: SearchSpace, feature: str) -> list[np.ndarray]:
     """Per block, the candidates whose every searched layer gives `feature` (a name of
     FEATURES, as `fidelity.shape_features` computes it) the highest value the space allows:
@@ -413,9 +425,7 @@ def select_contenders(config: ml_collections.ConfigDict, space: SearchSpace,
             arch = dna_winner(tables, space, config, budget)
             picks[role] = add(arch, b, role)
             taken.add(network_key(space, arch))
-        size_cost, ties = largest_under(space, config, budget)
-        tie_nets = {network_key(space, a): a for a in ties}
-        size_arch = list(tie_nets.values())[int(rng.integers(len(tie_nets)))]
+        size_arch, size_ties = _largest_pick(space, config, budget, rng)
         picks[SIZE] = add(size_arch, b, SIZE)
         taken.add(network_key(space, size_arch))
         low = (1.0 - c.random_tolerance) * budget
@@ -432,20 +442,16 @@ def select_contenders(config: ml_collections.ConfigDict, space: SearchSpace,
             picks[f"{RANDOM}{i}"] = add(arch, b, f"{RANDOM}{i}")
         budgets.append({"budget": float(budget), "window": [float(low), float(budget)],
                         "picks": picks,
-                        "size_ties": {"cost": size_cost, "encodings": len(ties),
-                                      "networks": len(tie_nets)},
+                        "size_ties": size_ties,
                         "random_in_window": int(len(inside))})
     # After every other pick of every budget, so that adding features changes none of them
     # (neither the draws nor the contender indices).
     for feature in feature_roles(config):
         masks = feature_masks(space, feature)
         for b, entry in enumerate(budgets):
-            cost, ties = largest_under(space, config, entry["budget"], keep=masks)
-            tie_nets = {network_key(space, a): a for a in ties}
-            arch = list(tie_nets.values())[int(rng.integers(len(tie_nets)))]
+            arch, ties = _largest_pick(space, config, entry["budget"], rng, keep=masks)
             entry["picks"][feature] = add(arch, b, feature)
-            entry.setdefault("feature_ties", {})[feature] = {
-                "cost": cost, "encodings": len(ties), "networks": len(tie_nets)}
+            entry.setdefault("feature_ties", {})[feature] = ties
     return {"contenders": contenders, "budgets": budgets}
 
 
@@ -577,12 +583,14 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
     pairs = [(role, SIZE) for role in roles if picked_role(role)]
     pairs += [(DNA, role) for role in roles if role in FEATURES and DNA in roles]
     for role, other in pairs:
-        key = f"{role}_minus_{other}"
+        key, random_key = f"{role}_minus_{other}", f"{role}_minus_{RANDOM}"
+        with_random = other == SIZE  # a picked role against size also faces the random nets
         diffs, vs_random, complete = [], [], True
         for budget in budgets:
             picks = budget["picks"]
             own, theirs = accuracies.get(picks[role], []), accuracies.get(picks[other], [])
-            randoms = [accuracies.get(i, []) for r, i in picks.items() if r.startswith(RANDOM)]
+            randoms = ([accuracies.get(i, []) for r, i in picks.items() if r.startswith(RANDOM)]
+                       if with_random else [])
             if not own or not theirs or sd is None or any(not r for r in randoms):
                 complete = False
                 continue
@@ -595,14 +603,14 @@ def pooled_comparisons(budgets: Sequence[dict[str, Any]], runs: Sequence[dict[st
             out["per_budget"].append({**item, key: _t_interval(d, [(var, df)]),
                                       "same_network": same})
             diffs.append((d, var))
-            means = [float(np.mean(r)) for r in randoms]
-            vs_random.append((float(np.mean(own) - np.mean(means)), len(own), means))
-        random_key = f"{role}_minus_{RANDOM}"
-        with_random = other == SIZE
+            if with_random:
+                means = [float(np.mean(r)) for r in randoms]
+                vs_random.append((float(np.mean(own) - np.mean(means)), len(own), means))
         if not complete or not diffs:
+            needs = f"{role}, {other} and random" if with_random else f"{role} and {other}"
             out["over_budgets"][key] = {
-                "difference": None, "reason": f"needs every budget's {role}, {other} and random "
-                                              "runs and a pooled seed SD"}
+                "difference": None, "reason": f"needs every budget's {needs} runs and a pooled "
+                                              "seed SD"}
             if with_random:
                 out["over_budgets"][random_key] = dict(out["over_budgets"][key])
             continue
@@ -685,7 +693,7 @@ def _check_file(data: dict[str, Any], out: str, record: dict, recipe: dict,
 
 
 def reusable_runs(paths: Sequence[str], recipe: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
-    """{(network's block strings, seed): run} from other search-effectiveness files trained
+    """{(network_key, seed): run} from other search-effectiveness files trained
     with the same recipe: the same network, recipe and seed is the same experiment (a run's
     contender index only names its folder), so it is copied, not trained again.
 
@@ -703,7 +711,7 @@ def reusable_runs(paths: Sequence[str], recipe: dict[str, Any]) -> dict[tuple, d
                              "are not this experiment's")
         for run in data["runs"]:
             c = data["contenders"][run["arch"]]
-            key = (str(c["block_strings"]), run["seed"])
+            key = (tuple(tuple(s) for s in c["block_strings"]), run["seed"])  # = network_key
             found.setdefault(key, {**{k: v for k, v in run.items() if k != "reused_from"},
                                    "reused_from": run.get("reused_from") or {
                                        "file": _source(os.path.abspath(path)),
@@ -741,7 +749,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, out: str,
     reusable = reusable_runs(reuse, recipe)
     copied = []
     for index, seed in planned["order"]:
-        key = (str(planned["contenders"][index]["block_strings"]), seed)
+        key = (network_key(space, planned["archs"][index]), seed)
         if (index, seed) not in done and key in reusable:
             data["runs"].append({**reusable[key], "arch": index})
             done.add((index, seed))
