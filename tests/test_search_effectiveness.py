@@ -321,6 +321,11 @@ def test_feature_masks_on_fmnist28_keep_exactly_the_layers_at_the_maximum():
                          enumerate(zip(masks, arch.blocks)))
             value = fidelity.shape_features(space, [arch])[feature][0]
             assert inside == (value == best)
+        # uniform samples almost never reach the maximum: draw inside the masks too
+        for _ in range(50):
+            arch = Arch.of(space.block_candidates(b)[rng.choice(np.flatnonzero(m))]
+                           for b, m in enumerate(masks))
+            assert fidelity.shape_features(space, [arch])[feature][0] == best
     depth = se.feature_masks(space, "depth")
     assert all(m.sum() == 6 ** space.blocks[b].num_layers for b, m in enumerate(depth))
 
